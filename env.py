@@ -1,0 +1,601 @@
+"""The negotiation game: the protocol, the regulated seller, and the lockstep episode runner.
+
+The protocol (Xia et al. 2024). Each reply is
+
+    Thought: private reasoning, never shown to the other side
+    Talk: what the other side hears
+    Action: [BUY] $120.00 (1x CODENAME)     buyer: BUY, DEAL, REJECT, QUIT   seller: SELL, DEAL, REJECT, QUIT
+
+The buyer speaks first; a round is one buyer reply and one seller reply; at most `max_rounds` rounds.
+[DEAL] must copy the other side's most recent offer (within $0.01), otherwise it is a "fake deal".
+
+Buyer rules, each ends the episode: unparseable reply or fake deal -> protocol_violation; BUY or DEAL above
+budget -> budget_violation; QUIT -> quit; valid DEAL -> deal at the seller's price.
+The regulated seller is part of the environment, so its mistakes never cost the buyer: an unparseable reply, a
+fake DEAL and any SELL or DEAL below cost become [REJECT] (its Talk is kept) and count as an intervention.
+No deal can close below cost, whatever the seller model writes.
+
+One implementation of the rules (`Negotiation`) serves `replay`, training and evaluation. `play` advances many
+episodes in lockstep and asks each player for all pending replies at once, because batched generation is where
+the speed is. LLM players keep the exact token ids the model generated, with a mask and the engine's log-probs
+(`Conversation`), so training never re-tokenises text the model did not generate.
+
+Standard library only at module level: engines and tokenizers are passed in and duck-typed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import Scenario
+from reward import score
+
+BUYER_KINDS = ("BUY", "DEAL", "REJECT", "QUIT")
+SELLER_KINDS = ("SELL", "DEAL", "REJECT", "QUIT")
+PRICED = ("BUY", "SELL", "DEAL")
+PERSONA_DIR = Path(__file__).resolve().parent / "personas"
+TOLERANCE = 0.01  # a DEAL must copy the other side's offer to the cent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+class ProtocolError(ValueError):
+    """A reply with no valid action for its role. The message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str                   # BUY | SELL | DEAL | REJECT | QUIT
+    price: float | None = None  # for BUY, SELL and DEAL
+
+    def format(self, codename: str = "") -> str:
+        if self.price is None:
+            return f"[{self.kind}]"
+        item = f" (1x {codename})" if codename else ""
+        return f"[{self.kind}] ${self.price:,.2f}{item}"
+
+
+_ACTION_LINE = re.compile(r"^\s*action:", re.IGNORECASE)
+_TAG = re.compile(r"\[(BUY|SELL|DEAL|REJECT|QUIT)\]", re.IGNORECASE)
+# An optional $, digits with optional thousands commas, an optional decimal part of one or two digits.
+# The lookarounds stop us from reading "12" out of "12.345" or "a12".
+_MONEY = re.compile(r"(?<![\w.,-])\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d{1,2})?)(?![\d.]\d|\d|,\d)")
+
+
+def parse_action(text: str, role: str) -> Action:
+    """The action of a reply: the LAST line starting with 'Action:'; its first tag; for priced tags the first
+    money amount after the tag. Raises ProtocolError for anything else."""
+    if role not in ("buyer", "seller"):
+        raise ValueError(f"role must be 'buyer' or 'seller', got {role!r}")
+    if not isinstance(text, str):
+        raise ProtocolError(f"reply is not text: {type(text).__name__}")
+    lines = [line for line in text.splitlines() if _ACTION_LINE.match(line)]
+    if not lines:
+        raise ProtocolError("no line starting with 'Action:'")
+    line = lines[-1]
+    tag = _TAG.search(line)
+    if not tag:
+        raise ProtocolError(f"no [BUY]/[SELL]/[DEAL]/[REJECT]/[QUIT] tag on the action line: {line.strip()!r}")
+    kind = tag.group(1).upper()
+    allowed = BUYER_KINDS if role == "buyer" else SELLER_KINDS
+    if kind not in allowed:
+        raise ProtocolError(f"the {role} may not use [{kind}]; allowed: {', '.join(allowed)}")
+    if kind not in PRICED:
+        return Action(kind)
+    money = _MONEY.search(line, tag.end())
+    if not money:
+        raise ProtocolError(f"[{kind}] needs a price like $12.50 after the tag: {line.strip()!r}")
+    price = float(money.group(1).replace(",", ""))
+    if not (math.isfinite(price) and price > 0):
+        raise ProtocolError(f"[{kind}] price must be positive and finite, got {money.group(1)}")
+    return Action(kind, price)
+
+
+def talk_of(text: str) -> str:
+    """The Talk section of a reply: from the 'Talk:' line up to the next Thought:/Talk:/Action: line.
+    Only this and the action ever reach the other side, so a Thought can never leak."""
+    talk, inside = [], False
+    for line in text.splitlines():
+        head = line.strip().lower()
+        if head.startswith("talk:"):
+            inside, talk = True, [line.strip()[5:].strip()]
+        elif head.startswith(("thought:", "action:")):
+            inside = False
+        elif inside:
+            talk.append(line.rstrip())
+    return "\n".join(talk).strip()
+
+
+def relay(talk: str, action: Action, codename: str) -> str:
+    """What the other side reads: the Talk and the (possibly regulated) action in canonical form."""
+    return f"Talk: {talk}\nAction: {action.format(codename)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rules of one episode
+
+
+@dataclass
+class Turn:
+    role: str                       # buyer | seller
+    text: str                       # the full reply, Thought included (for transcripts, never relayed)
+    action: Action | None           # as parsed (None if unparseable)
+    relayed: str = ""               # what the other side was shown
+    note: str = ""                  # why the environment stepped in (interventions, violations)
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    reason: str                     # deal | quit | max_rounds | budget_violation | protocol_violation
+    price: float | None             # the deal price, else None
+    rounds: int
+    interventions: int
+    reward: float
+    first_offer: float | None       # the buyer's first [BUY] price
+    overshoot: bool                 # the buyer made a BUY or DEAL above its budget
+    transcript: list[Turn] = field(default_factory=list)
+
+    # The fields reward.summarize needs, read through from the scenario.
+    budget = property(lambda self: self.scenario.budget)
+    cost = property(lambda self: self.scenario.cost)
+    list_price = property(lambda self: self.scenario.list_price)
+    category = property(lambda self: self.scenario.category)
+    mi = property(lambda self: self.scenario.mi)
+
+    def to_dict(self) -> dict:
+        return {"scenario": vars(self.scenario) | {"kind": self.scenario.kind},
+                "reason": self.reason, "price": self.price, "rounds": self.rounds,
+                "interventions": self.interventions, "reward": self.reward, "first_offer": self.first_offer,
+                "overshoot": self.overshoot,
+                "transcript": [{"role": t.role, "text": t.text, "relayed": t.relayed, "note": t.note,
+                                "action": None if t.action is None else {"kind": t.action.kind, "price": t.action.price}}
+                               for t in self.transcript]}
+
+
+class Negotiation:
+    """The state machine of one episode. Feed it replies in turn order; it applies every rule."""
+
+    def __init__(self, scenario: Scenario, max_rounds: int = 6):
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.scenario, self.max_rounds = scenario, max_rounds
+        self.round = 0                   # rounds started (a round starts with a buyer reply)
+        self.turn = "buyer"
+        self.last_buy: float | None = None    # the buyer's most recent [BUY] price
+        self.last_sell: float | None = None   # the seller's most recent (valid) [SELL] price
+        self.first_offer: float | None = None
+        self.interventions = 0
+        self.overshoot = False
+        self.transcript: list[Turn] = []
+        self.outcome: Outcome | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def last_relayed(self) -> str | None:
+        """The message the player whose turn it is has not seen yet (None before the first buyer reply)."""
+        return self.transcript[-1].relayed if self.transcript else None
+
+    def _end(self, reason: str, price: float | None = None) -> None:
+        s = self.scenario
+        violation = reason in ("budget_violation", "protocol_violation")
+        self.outcome = Outcome(s, reason, price, self.round, self.interventions,
+                               score(s.budget, s.cost, price, violation), self.first_offer, self.overshoot,
+                               self.transcript)
+
+    def buyer_says(self, text: str) -> None:
+        assert not self.done and self.turn == "buyer", "not the buyer's turn"
+        self.round += 1
+        s = self.scenario
+        try:
+            action = parse_action(text, "buyer")
+        except ProtocolError as e:
+            self.transcript.append(Turn("buyer", text, None, note=f"protocol violation: {e}"))
+            return self._end("protocol_violation")
+        turn = Turn("buyer", text, action, relay(talk_of(text), action, s.codename))
+        self.transcript.append(turn)
+        if action.price is not None and action.price > s.budget:
+            self.overshoot = True
+        if action.kind == "BUY" and self.first_offer is None:
+            self.first_offer = action.price
+        if action.kind == "QUIT":
+            return self._end("quit")
+        if action.kind == "DEAL":
+            if self.last_sell is None or abs(action.price - self.last_sell) > TOLERANCE:
+                turn.note = f"fake deal: ${action.price:.2f} copies no seller offer (last SELL: {self.last_sell})"
+                return self._end("protocol_violation")
+            if self.last_sell > s.budget:
+                self.overshoot = True
+                turn.note = f"deal at ${self.last_sell:.2f} is above the budget"
+                return self._end("budget_violation")
+            return self._end("deal", self.last_sell)
+        if action.kind == "BUY":
+            if action.price > s.budget:
+                turn.note = f"offer ${action.price:.2f} is above the budget"
+                return self._end("budget_violation")
+            self.last_buy = action.price
+        self.turn = "seller"
+
+    def seller_says(self, text: str) -> None:
+        assert not self.done and self.turn == "seller", "not the seller's turn"
+        s = self.scenario
+        note = ""
+        try:
+            action = parse_action(text, "seller")
+        except ProtocolError as e:
+            action, note = None, f"unparseable seller reply ({e})"
+        if action is not None and action.kind == "DEAL" and (
+                self.last_buy is None or abs(action.price - self.last_buy) > TOLERANCE):
+            note = f"fake seller deal at ${action.price:.2f} (last BUY: {self.last_buy})"
+        elif action is not None and action.kind == "DEAL" and self.last_buy < s.cost:
+            note = f"seller DEAL would close at ${self.last_buy:.2f}, below cost"
+        elif action is not None and action.kind == "SELL" and action.price < s.cost:
+            note = f"seller SELL at ${action.price:.2f} is below cost"
+        final = Action("REJECT") if note else action
+        self.interventions += bool(note)
+        self.transcript.append(Turn("seller", text, action, relay(talk_of(text), final, s.codename), note))
+        if final.kind == "QUIT":
+            return self._end("quit")
+        if final.kind == "DEAL":  # closes at the buyer's price, which is within budget and >= cost here
+            return self._end("deal", self.last_buy)
+        if final.kind == "SELL":
+            self.last_sell = final.price
+        if self.round >= self.max_rounds:
+            return self._end("max_rounds")
+        self.turn = "buyer"
+
+
+def replay(scenario: Scenario, replies: list[str], max_rounds: int = 6) -> Outcome:
+    """Play one episode from scripted reply texts: buyer, seller, buyer, ... Replies after the end are ignored."""
+    game = Negotiation(scenario, max_rounds)
+    for text in replies:
+        if game.done:
+            break
+        (game.buyer_says if game.turn == "buyer" else game.seller_says)(text)
+    if not game.done:
+        raise ValueError(f"ran out of replies after {len(replies)} before the episode ended "
+                         f"(round {game.round}, {game.turn}'s turn)")
+    return game.outcome
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (Xia et al.'s structure: rules in the system prompt, inventory and private numbers in the first message)
+
+FORMAT_RULES = """Reply in exactly this format:
+Thought: your private reasoning (the other side never sees it)
+Talk: what you say to the other side
+Action: one of {actions}
+A price is written like $12.50. [DEAL] accepts the other side's most recent offer and must repeat its exact price.
+[REJECT] passes the turn without an offer. [QUIT] ends the negotiation without a deal."""
+
+BUYER_SYSTEM = """You are a buyer negotiating the price of one product with a seller.
+Pay as little as possible, and never pay more than your budget: it is private, never reveal it.
+If the seller will not come down to your budget, walk away with [QUIT].
+""" + FORMAT_RULES.format(actions="[BUY] $price (1x codename) to make an offer, [DEAL] $price (1x codename), [REJECT], [QUIT]")
+
+SELLER_SYSTEM = """You are a seller negotiating the price of one product with a buyer.
+Sell for as much as possible. Your cost is private: never reveal it, and never sell below it.
+""" + FORMAT_RULES.format(actions="[SELL] $price (1x codename) to make an offer, [DEAL] $price (1x codename), [REJECT], [QUIT]")
+
+
+def _inventory_line(s: Scenario, description_chars: int) -> str:
+    desc = s.description.replace("\n", " ").strip()
+    if len(desc) > description_chars:
+        desc = desc[:description_chars].rstrip() + "..."
+    return (f"codename: {s.codename} | title: {s.title} | description: {desc} | category: {s.category} | "
+            f"listed price: ${s.list_price:,.2f}")
+
+
+def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400) -> list[dict]:
+    """System + first user message for the buyer. Holds the budget; never the cost."""
+    if style == "compact":  # short sequences for tiny CPU models: the same facts, no description
+        return [{"role": "system", "content": "You are the buyer. Format: Thought/Talk/Action."},
+                {"role": "user", "content": f"Item {s.codename}, list ${s.list_price:,.2f}. "
+                                            f"Your budget ${s.budget:,.2f}. Make your offer."}]
+    return [{"role": "system", "content": BUYER_SYSTEM},
+            {"role": "user", "content": "Inventory:\n" + _inventory_line(s, description_chars) +
+             f"\n\nYour shopping list: 1x {s.codename}, budget ${s.budget:,.2f} (private).\n"
+             "You speak first. Make your opening move."}]
+
+
+def seller_opening(s: Scenario, buyer_message: str, persona: str = "", style: str = "full",
+                   description_chars: int = 400) -> list[dict]:
+    """System + first user message for the seller. Holds the cost; never the budget."""
+    if style == "compact":
+        system = "You are the seller. Format: Thought/Talk/Action."
+        first = f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}.\nBuyer:\n{buyer_message}"
+    else:
+        system = SELLER_SYSTEM
+        first = ("Inventory:\n" + _inventory_line(s, description_chars) +
+                 f" | your cost: ${s.cost:,.2f} (private)\n\nThe buyer says:\n{buyer_message}")
+    if persona:
+        system += "\n\n" + persona
+    return [{"role": "system", "content": system}, {"role": "user", "content": first}]
+
+
+def list_personas() -> list[str]:
+    return sorted(p.stem for p in PERSONA_DIR.glob("*.txt"))
+
+
+def load_persona(name: str) -> str:
+    path = PERSONA_DIR / f"{name}.txt"
+    if not path.exists():
+        raise ValueError(f"unknown persona {name!r}; available: {', '.join(list_personas())} "
+                         f"(add a text file to {PERSONA_DIR} for a new one)")
+    return path.read_text().strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token layout of an LLM player
+
+
+@dataclass
+class Conversation:
+    """One player's side of an episode as token ids. mask is 1 exactly on ids the model generated;
+    logprobs holds the engine's log-prob for those ids (0.0 elsewhere). Masks travel with the tokens."""
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def add_context(self, ids: list[int]) -> None:
+        self.ids += ids
+        self.mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+
+    def add_generated(self, ids: list[int], logprobs: list[float]) -> None:
+        assert len(ids) == len(logprobs), "one log-prob per generated id"
+        self.ids += ids
+        self.mask += [1] * len(ids)
+        self.logprobs += list(logprobs)
+
+
+class ChatFormat:
+    """Token ids from the model's own chat template, built incrementally so generated ids are never re-rendered.
+
+    `opening(messages)` renders system + first user message with the generation prompt. `continuation(text)`
+    is what the template puts between the end of a generated assistant reply (after its end-of-turn token) and
+    the next generation prompt when a user message `text` follows: the template's delta, found by rendering a
+    probe conversation with and without the new message.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
+            else tokenizer.eos_token_id
+        self.eos_text = tokenizer.decode([self.eos_id])
+        probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                 {"role": "assistant", "content": "A"}]
+        head = self._render(probe, False)
+        closing = head[head.rindex("A") + 1:]
+        if not closing.startswith(self.eos_text):
+            raise ValueError(f"chat template closes an assistant turn with {closing!r}, not with the end-of-turn "
+                             f"token {self.eos_text!r}; generated ids could not be kept verbatim")
+        self._after_eos = closing[len(self.eos_text):]
+        self._probe, self._probe_text = probe, head
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def opening(self, messages: list[dict]) -> list[int]:
+        return self.encode(self._render(messages, True))
+
+    def continuation(self, text: str, finished: bool = True) -> list[int]:
+        full = self._render(self._probe + [{"role": "user", "content": text}], True)
+        if not full.startswith(self._probe_text):
+            raise ValueError("chat template re-renders earlier turns when a message is added; "
+                             "cannot keep generated ids verbatim with this template")
+        delta = full[len(self._probe_text):]
+        # A reply cut at max_tokens has no end-of-turn token: close it so the next turn reads as the template.
+        return self.encode(("" if finished else self.eos_text) + self._after_eos + delta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Players. Each has reply(games) -> one text per game, for all games whose turn it is, in one batch.
+
+
+@dataclass
+class Game:
+    """One episode in the batch: the rules plus each player's private state (conversations, RNG)."""
+    negotiation: Negotiation
+    index: int = 0                                  # position in the batch (groups are consecutive blocks)
+    state: dict = field(default_factory=dict)       # per-player state, keyed by role
+
+    @property
+    def done(self) -> bool:
+        return self.negotiation.done
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.negotiation.outcome
+
+
+class LLMPlayer:
+    """A model behind an engine (HF or vLLM). Keeps token ids, mask and log-probs per game."""
+
+    def __init__(self, engine, role: str, temperature: float = 1.0, max_tokens: int = 256,
+                 adapter: bool | None = None, persona: str = "", style: str = "full",
+                 description_chars: int = 400, max_context: int = 8192, seed: int | None = None):
+        self.engine, self.role, self.temperature, self.max_tokens = engine, role, temperature, max_tokens
+        self.adapter = (role == "buyer") if adapter is None else adapter  # the policy buys; the base sells
+        self.persona, self.style, self.description_chars = persona, style, description_chars
+        self.max_context, self.seed = max_context, seed
+        self.format = ChatFormat(engine.tokenizer)
+        self.calls = 0
+
+    def _append_message(self, game: Game) -> Conversation:
+        neg, conv = game.negotiation, game.state.get(self.role)
+        message = neg.last_relayed()
+        if conv is None:
+            conv = game.state[self.role] = Conversation()
+            opening = (buyer_opening(neg.scenario, self.style, self.description_chars) if self.role == "buyer"
+                       else seller_opening(neg.scenario, message, self.persona, self.style, self.description_chars))
+            conv.add_context(self.format.opening(opening))
+        else:
+            conv.add_context(self.format.continuation(message, game.state.get(self.role + "_finished", True)))
+        return conv
+
+    def reply(self, games: list[Game]) -> list[str]:
+        convs = [self._append_message(g) for g in games]
+        texts = [""] * len(games)
+        live = [i for i, c in enumerate(convs) if len(c.ids) + self.max_tokens <= self.max_context]
+        seed = None if self.seed is None else self.seed + self.calls
+        self.calls += 1
+        if live:
+            outs = self.engine.generate([convs[i].ids for i in live], temperature=self.temperature,
+                                        max_tokens=self.max_tokens, adapter=self.adapter, seed=seed)
+            for i, out in zip(live, outs):
+                convs[i].add_generated(out.token_ids, out.logprobs)
+                games[i].state[self.role + "_finished"] = out.finished
+                texts[i] = out.text
+        # Games past max_context reply with nothing: a protocol violation for the buyer, a REJECT for the seller.
+        return texts
+
+
+class ChatPlayer:
+    """A model behind an OpenAI-compatible chat endpoint (frontier buyers or sellers). Text only: no token ids."""
+
+    def __init__(self, endpoint, role: str, temperature: float = 1.0, max_tokens: int = 256, persona: str = "",
+                 description_chars: int = 400):
+        self.endpoint, self.role, self.temperature, self.max_tokens = endpoint, role, temperature, max_tokens
+        self.persona, self.description_chars = persona, description_chars
+
+    def reply(self, games: list[Game]) -> list[str]:
+        batch = []
+        for g in games:
+            neg, messages = g.negotiation, g.state.get(self.role)
+            if messages is None:
+                messages = (buyer_opening(neg.scenario, "full", self.description_chars) if self.role == "buyer"
+                            else seller_opening(neg.scenario, neg.last_relayed(), self.persona, "full",
+                                                self.description_chars))
+                g.state[self.role] = messages
+            else:
+                messages.append({"role": "user", "content": neg.last_relayed()})
+            batch.append(messages)
+        texts = self.endpoint.chat(batch, temperature=self.temperature, max_tokens=self.max_tokens)
+        for messages, text in zip(batch, texts):
+            messages.append({"role": "assistant", "content": text})
+        return texts
+
+
+def _reply_text(thought: str, talk: str, action: Action, codename: str) -> str:
+    return f"Thought: {thought}\nTalk: {talk}\nAction: {action.format(codename)}"
+
+
+def _cents(x: float) -> float:
+    return round(x + 1e-9, 2)
+
+
+class ScriptedSeller:
+    """Time-dependent concession (Faratin et al.): ask(t) = floor + (start - floor) * (1 - (t/(T-1))^(1/e)).
+
+    e < 1 concedes late (Boulware), e = 1 linearly, e > 1 early (conceder); the hard-liner barely moves.
+    It accepts a BUY at or above its current ask. floor = cost * (1 + margin) keeps some profit; `jitter`
+    randomises e and the margin per game so groups see varied sellers. Its text runs through the same parser
+    and the same regulation as an LLM seller's.
+    """
+    STRATEGIES = {"boulware": (0.3, 0.05), "linear": (1.0, 0.05), "conceder": (3.0, 0.05),
+                  "hardliner": (0.1, 0.15)}
+
+    def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)}")
+        self.strategy, self.jitter, self.seed = strategy, jitter, seed
+        self.exponent, self.margin = self.STRATEGIES[strategy]
+
+    def _params(self, game: Game) -> tuple[float, float]:
+        if "seller" not in game.state:
+            rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index}")
+            e = self.exponent * math.exp(self.jitter * rng.uniform(-1, 1))
+            m = max(0.0, self.margin * (1 + self.jitter * rng.uniform(-1, 1)))
+            game.state["seller"] = (e, m)
+        return game.state["seller"]
+
+    def ask(self, s: Scenario, t: int, rounds: int, exponent: float, margin: float) -> float:
+        floor = min(s.cost * (1 + margin), s.list_price)
+        progress = t / max(1, rounds - 1)
+        return _cents(max(s.cost, floor + (s.list_price - floor) * (1 - progress ** (1 / exponent))))
+
+    def reply(self, games: list[Game]) -> list[str]:
+        texts = []
+        for g in games:
+            neg, s = g.negotiation, g.negotiation.scenario
+            e, m = self._params(g)
+            price = self.ask(s, neg.round - 1, neg.max_rounds, e, m)
+            offer = neg.last_buy
+            if offer is not None and offer >= price:
+                texts.append(_reply_text(f"${offer:.2f} meets my ask of ${price:.2f}.", "You have a deal.",
+                                         Action("DEAL", offer), s.codename))
+            else:
+                texts.append(_reply_text(f"My ask this round is ${price:.2f}.", f"The best I can do is ${price:,.2f}.",
+                                         Action("SELL", price), s.codename))
+        return texts
+
+
+class ScriptedBuyer:
+    """OG-Narrator-style offers (Xia et al.): bid(t) = budget * (start + (end - start) * (t/(T-1))^exponent).
+
+    It accepts the seller's latest offer once that offer is no higher than its own bid this round; in the last
+    round it accepts any offer within budget, else quits. Defaults are Xia et al.'s 0.5 -> 1.0, linear.
+    """
+
+    def __init__(self, start: float = 0.5, end: float = 1.0, exponent: float = 1.0):
+        if not 0 < start <= end <= 1:
+            raise ValueError(f"need 0 < start <= end <= 1, got start={start} end={end}")
+        self.start, self.end, self.exponent = start, end, exponent
+
+    def bid(self, s: Scenario, t: int, rounds: int) -> float:
+        progress = t / max(1, rounds - 1)
+        return _cents(s.budget * (self.start + (self.end - self.start) * progress ** self.exponent))
+
+    def reply(self, games: list[Game]) -> list[str]:
+        texts = []
+        for g in games:
+            neg, s = g.negotiation, g.negotiation.scenario
+            t = neg.round  # rounds already played; this reply starts round t + 1
+            bid = min(self.bid(s, t, neg.max_rounds), s.budget)
+            ask = neg.last_sell
+            last = t + 1 >= neg.max_rounds
+            if ask is not None and ask <= s.budget and (ask <= bid or last):
+                texts.append(_reply_text(f"${ask:.2f} is acceptable.", "Deal.", Action("DEAL", ask), s.codename))
+            elif last:
+                texts.append(_reply_text("No acceptable offer.", "Too expensive for me, goodbye.", Action("QUIT"),
+                                         s.codename))
+            else:
+                texts.append(_reply_text(f"Offer {bid / s.budget:.0%} of what I can pay.",
+                                         f"I can offer ${bid:,.2f}.", Action("BUY", bid), s.codename))
+        return texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lockstep runner
+
+
+def play(scenarios: list[Scenario], buyer, seller, max_rounds: int = 6, on_round=None) -> list[Game]:
+    """Play one episode per scenario, all in lockstep: every pending buyer reply in one batch, then every pending
+    seller reply in one batch. Returns the games (outcome, transcript, and each LLM player's Conversation)."""
+    games = [Game(Negotiation(s, max_rounds), index=i) for i, s in enumerate(scenarios)]
+    while True:
+        pending = [g for g in games if not g.done]
+        if not pending:
+            break
+        for g, text in zip(pending, buyer.reply(pending)):
+            g.negotiation.buyer_says(text)
+        pending = [g for g in pending if not g.done]
+        if pending:
+            for g, text in zip(pending, seller.reply(pending)):
+                g.negotiation.seller_says(text)
+        if on_round is not None:
+            on_round(games)
+    return games

@@ -1,0 +1,112 @@
+"""The verifiable reward and the episode metrics. Pure functions, standard library only.
+
+    score = -1                                   the buyer broke the protocol or went over budget
+          =  0                                   no deal
+          =  clip((budget - price) / room, -1, 1)  a deal, room = max(|budget - cost|, 1)
+
+`room` is the size of the bargaining zone, floored at $1 so that a razor-thin zone cannot blow the reward up
+(Xia et al.'s normalised profit). A deal at the seller's cost in an MI scenario scores 1; at the budget, 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def room(budget: float, cost: float) -> float:
+    return max(abs(budget - cost), 1.0)
+
+
+def score(budget: float, cost: float, price: float | None, violation: bool = False) -> float:
+    if violation:
+        return -1.0
+    if price is None:
+        return 0.0
+    if price > budget:
+        return -1.0
+    return min(1.0, max(-1.0, (budget - price) / room(budget, cost)))
+
+
+@dataclass
+class EpisodeStats:
+    """What the metrics need from one finished episode (env.Outcome provides these fields)."""
+    reward: float
+    reason: str                 # deal | quit | max_rounds | budget_violation | protocol_violation
+    price: float | None
+    budget: float
+    cost: float
+    list_price: float
+    rounds: int = 0
+    interventions: int = 0
+    first_offer: float | None = None   # the buyer's first [BUY] price
+    overshoot: bool = False            # some buyer BUY or DEAL above budget
+    category: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mi(self) -> bool:
+        return self.budget > self.cost
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(episodes) -> dict:
+    """Every metric over a list of episodes (anything with EpisodeStats' fields). None where undefined.
+
+    deal_rate, overshoot_rate, protocol_violation_rate: fractions of all episodes.
+    bargained_ratio: mean (budget - price)/room over deals in MI scenarios (the paper's 0.84).
+    first_offer_ratio: mean first BUY / budget over episodes with a BUY.
+    ci_walkaway_rate: CI episodes that ended without a deal and without a violation / CI episodes.
+    price_reduction: mean (list_price - price)/list_price over deals.
+    """
+    eps = list(episodes)
+    n = len(eps)
+    deals = [e for e in eps if e.reason == "deal"]
+    ci = [e for e in eps if not e.mi]
+    return {
+        "episodes": n,
+        "reward": _mean(e.reward for e in eps),
+        "deal_rate": _mean(e.reason == "deal" for e in eps),
+        "bargained_ratio": _mean((e.budget - e.price) / room(e.budget, e.cost) for e in deals if e.mi),
+        "overshoot_rate": _mean(bool(e.overshoot) for e in eps),
+        "protocol_violation_rate": _mean(e.reason == "protocol_violation" for e in eps),
+        "first_offer_ratio": _mean(e.first_offer / e.budget for e in eps if e.first_offer is not None),
+        "ci_walkaway_rate": _mean(e.reason in ("quit", "max_rounds") for e in ci),
+        "mean_rounds": _mean(e.rounds for e in eps),
+        "interventions_per_episode": _mean(e.interventions for e in eps),
+        "price_reduction": _mean((e.list_price - e.price) / e.list_price for e in deals),
+        "quit_rate": _mean(e.reason == "quit" for e in eps),
+        "max_rounds_rate": _mean(e.reason == "max_rounds" for e in eps),
+    }
+
+
+def summarize_split(episodes) -> dict:
+    """summarize() overall and for the MI and CI scenarios separately: {"all": ..., "MI": ..., "CI": ...}."""
+    eps = list(episodes)
+    return {"all": summarize(eps),
+            "MI": summarize(e for e in eps if e.mi),
+            "CI": summarize(e for e in eps if not e.mi)}
+
+
+def bootstrap_ci(values_by_group: dict, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """95% confidence interval of the mean by resampling groups (products), not episodes: episodes of one
+    product are correlated, so resampling them independently would make the interval too narrow."""
+    import random
+    groups = [list(v) for v in values_by_group.values() if len(v)]
+    if not groups:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    means = []
+    for _ in range(n_boot):
+        pick = [groups[rng.randrange(len(groups))] for _ in groups]
+        total = sum(sum(g) for g in pick)
+        count = sum(len(g) for g in pick)
+        means.append(total / count)
+    means.sort()
+    lo = means[int(alpha / 2 * n_boot)]
+    hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
+    return (lo, hi)
