@@ -1,0 +1,246 @@
+"""Generation engines: HFEngine (the trainer's own model, CPU or GPU) and ChatEndpoint (any OpenAI-compatible
+server, for sellers that are not the base model).
+
+    engine = HFEngine(peft_model, tokenizer)
+    gens = engine.generate(prompt_id_lists, temperature=1.0, max_tokens=256, adapter=True, seed=0)
+    gens[0].token_ids, gens[0].logprobs, gens[0].text, gens[0].finished
+
+Deliberate choices:
+- A hand-written sampling loop over the model's forward with a KV cache instead of `model.generate`: it returns
+  the log-prob of each sampled id under exactly the distribution it was sampled from (logits / temperature, no
+  top-k/top-p), runs the prompt once, and drops finished rows from the batch and the cache so that a long
+  answer does not keep the short ones' compute alive. Measured in bench/ against `model.generate`.
+- Prompts are sorted by length before batching (less left padding) and results are returned in input order.
+- Log-probs are computed in float32 whatever the model dtype, so they compare with the trainer's.
+- adapter=False runs the same weights under `disable_adapter()`: one copy of the base serves buyer and seller.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # the ids the model generated, verbatim, including the stop id if it stopped on one
+    logprobs: list[float]  # log-prob of each generated id under the sampling distribution (logits / temperature)
+    text: str  # tokenizer.decode(token_ids, skip_special_tokens=True)
+    finished: bool  # True if it stopped on a stop id, False if cut at max_tokens
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end an assistant turn: the tokenizer's eos, <|im_end|> when the vocabulary has it, and the
+    model's generation_config eos ids (Qwen3 lists both <|im_end|> and <|endoftext|> there)."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and no <|im_end|> token: generation could never stop")
+    return sorted(ids)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] input ids and attention mask, prompts right-aligned so that every row's next token is at -1."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (ids [B], their log-probs [B]) under softmax(logits / temperature); greedy for 0,
+    whose log-prob is that of the untempered distribution."""
+    logits = logits.float()
+    if temperature == 0:
+        ids = logits.argmax(dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+    else:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return ids, logp.gather(1, ids[:, None]).squeeze(1)
+
+
+@contextmanager
+def generation_mode(model, adapter: bool):
+    """eval mode (no dropout, KV cache allowed under gradient checkpointing), no autograd, adapter on or off;
+    the training mode is restored afterwards."""
+    was_training = model.training
+    disable = model.disable_adapter() if (not adapter and hasattr(model, "disable_adapter")) else nullcontext()
+    model.eval()
+    try:
+        with disable, torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, max_batch_tokens: int = 32768):
+        self.model = model  # the live (peft) model the trainer updates; not a DDP wrapper
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens  # cap on rows * (longest prompt + max_tokens) per forward batch
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    def sync(self, model) -> None:
+        """Nothing to do: the engine generates with the trainer's own model object."""
+
+    def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool,
+                 seed: int | None = None) -> list[Generation]:
+        check_generate_args(prompts, temperature, max_tokens)
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        with generation_mode(self.model, adapter):
+            for batch in self.batches(order, prompts, max_tokens):
+                gens = self.generate_batch([prompts[i] for i in batch], temperature, max_tokens, generator, device)
+                for i, g in zip(batch, gens):
+                    results[i] = g
+        return results
+
+    def batches(self, order: list[int], prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Consecutive runs of the length-sorted indices whose rows * (longest + max_tokens) fit the budget."""
+        out, cur = [], []
+        for i in order:  # sorted by length, so the newest prompt is the longest in `cur`
+            if cur and (len(cur) + 1) * (len(prompts[i]) + max_tokens) > self.max_batch_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        return out + [cur]
+
+    def generate_batch(self, prompts, temperature, max_tokens, generator, device) -> list[Generation]:
+        from transformers import DynamicCache
+
+        ids, mask = (t.to(device) for t in left_pad(prompts, self.pad_id))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        stop = torch.tensor(self.stop_ids, device=device)
+        rows = torch.arange(len(prompts), device=device)  # which original rows are still generating
+        next_pos = positions[:, -1] + 1
+        out_ids = [[] for _ in prompts]
+        out_logp = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for step in range(max_tokens):
+            tok, logp = sample_next(logits, temperature, generator)
+            for r, t, lp in zip(rows.tolist(), tok.tolist(), logp.tolist()):
+                out_ids[r].append(t)
+                out_logp[r].append(lp)
+            done = torch.isin(tok, stop)
+            for r in rows[done].tolist():
+                finished[r] = True
+            if step == max_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows from the batch and the KV cache
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            logits = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        return [Generation(token_ids=out_ids[r], logprobs=out_logp[r], finished=finished[r],
+                           text=self.tokenizer.decode(out_ids[r], skip_special_tokens=True))
+                for r in range(len(prompts))]
+
+
+def check_generate_args(prompts, temperature, max_tokens) -> None:
+    if not prompts:
+        raise ValueError("generate() got no prompts: pass a non-empty list of token-id lists")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() got an empty prompt: every prompt needs at least one token (the chat template)")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative: use 0 (greedy) or a positive value")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible chat completions over HTTP (stdlib only), for sellers served elsewhere.
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # worth another try; any other HTTP error is a caller mistake
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+class ChatEndpoint:
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 retries: int = 5, max_workers: int = 16, backoff_s: float = 1.0):
+        self.base = api_base(url)  # ".../v1"
+        self.model = model  # the model name the server knows, e.g. "Qwen/Qwen3-30B-A3B-Instruct-2507"
+        self.api_key = os.environ.get(api_key_env, "")  # sent as a Bearer token when set
+        self.timeout = timeout  # seconds per HTTP request
+        self.retries = retries  # extra attempts after the first on timeouts, connection errors, 429 and 5xx
+        self.max_workers = max_workers  # concurrent requests for one batch
+        self.backoff_s = backoff_s  # first wait; doubles after each failed attempt
+
+    def check(self) -> None:
+        """Fail fast, with what to do, when the server is down or does not serve `model`."""
+        try:
+            listing = self.request("GET", "/models", None, retries=0)
+        except EndpointError as e:
+            raise EndpointError(f"chat endpoint {self.base} is unreachable ({e}): start the server (e.g. "
+                                f"`vllm serve {self.model} --port 8000`) or fix seller.url") from None
+        served = [m.get("id") for m in listing.get("data", [])]
+        if served and self.model not in served:
+            raise EndpointError(f"chat endpoint {self.base} does not serve model {self.model!r}: "
+                                f"set seller.model to one of {served}")
+
+    def chat(self, messages_batch: list[list[dict]], *, temperature: float, max_tokens: int) -> list[str]:
+        """One assistant reply per conversation, in order; requests run concurrently."""
+        def one(messages):
+            body = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+            reply = self.request("POST", "/chat/completions", body, retries=self.retries)
+            return reply["choices"][0]["message"].get("content") or ""
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.max_workers) as pool:
+            return list(pool.map(one, messages_batch))
+
+    def request(self, method: str, path: str, body: dict | None, *, retries: int) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in range(retries + 1):
+            req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:500]
+                if e.code not in RETRY_STATUS or attempt == retries:
+                    raise EndpointError(f"{method} {self.base + path} -> HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == retries:
+                    raise EndpointError(f"{method} {self.base + path} failed after {retries + 1} attempts: "
+                                        f"{getattr(e, 'reason', e)}") from None
+            time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def api_base(url: str) -> str:
+    """'http://host:8000', 'http://host:8000/' or 'http://host:8000/v1' -> 'http://host:8000/v1'."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"seller.url={url!r} must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
