@@ -41,6 +41,11 @@ PERSONA_DIR = Path(__file__).resolve().parent / "personas"
 TOLERANCE = 0.01  # a DEAL must copy the other side's offer to the cent
 
 
+def copies(price: float, offer: float | None) -> bool:
+    """A DEAL price repeats an offer: within $0.01 (plus float slack, so $69.99 does copy $70.00)."""
+    return offer is not None and abs(price - offer) <= TOLERANCE + 1e-9
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing
 
@@ -209,7 +214,7 @@ class Negotiation:
         if action.kind == "QUIT":
             return self._end("quit")
         if action.kind == "DEAL":
-            if self.last_sell is None or abs(action.price - self.last_sell) > TOLERANCE:
+            if not copies(action.price, self.last_sell):
                 turn.note = f"fake deal: ${action.price:.2f} copies no seller offer (last SELL: {self.last_sell})"
                 return self._end("protocol_violation")
             if self.last_sell > s.budget:
@@ -232,8 +237,7 @@ class Negotiation:
             action = parse_action(text, "seller")
         except ProtocolError as e:
             action, note = None, f"unparseable seller reply ({e})"
-        if action is not None and action.kind == "DEAL" and (
-                self.last_buy is None or abs(action.price - self.last_buy) > TOLERANCE):
+        if action is not None and action.kind == "DEAL" and not copies(action.price, self.last_buy):
             note = f"fake seller deal at ${action.price:.2f} (last BUY: {self.last_buy})"
         elif action is not None and action.kind == "DEAL" and self.last_buy < s.cost:
             note = f"seller DEAL would close at ${self.last_buy:.2f}, below cost"

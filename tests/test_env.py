@@ -1,0 +1,367 @@
+"""The protocol grammar, every episode rule through replay, the regulated seller, information isolation,
+and a soak of scripted episodes over the real products."""
+
+import re
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import env
+from data import Scenario
+from env import Action, ProtocolError, parse_action, replay
+
+# budget 80, cost 50, list 100: room 30
+S = Scenario("B0TEST0001", "Widget", "A fine widget.", "tools", 100.0, 80.0, 50.0)
+CI = Scenario("B0TEST0002", "Gadget", "A gadget.", "tools", 50.0, 40.0, 45.0)
+
+
+def msg(action: str, thought: str = "thinking", talk: str = "hello") -> str:
+    return f"Thought: {thought}\nTalk: {talk}\nAction: {action}"
+
+
+# --- grammar ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,role,expected", [
+    ("Action: [BUY] $12.50 (1x B0TEST0001)", "buyer", Action("BUY", 12.5)),
+    ("Action: [BUY] 12", "buyer", Action("BUY", 12.0)),
+    ("Action: [buy] $1,299.99", "buyer", Action("BUY", 1299.99)),
+    ("  action: [Deal] $1,000,000.5 (1x x)", "buyer", Action("DEAL", 1000000.5)),
+    ("ACTION: [SELL] $ 7.1", "seller", Action("SELL", 7.1)),
+    ("Action: [REJECT] $99", "buyer", Action("REJECT")),
+    ("Action: [QUIT] whatever $3", "seller", Action("QUIT")),
+    ("Action: I say [BUY] $20 then [QUIT]", "buyer", Action("BUY", 20.0)),
+    ("Action: [BUY] $20. Thanks!", "buyer", Action("BUY", 20.0)),
+    ("Action: [BUY] price is $30 (1x B07)", "buyer", Action("BUY", 30.0)),
+])
+def test_valid_forms(text, role, expected):
+    assert parse_action(text, role) == expected
+
+
+@pytest.mark.parametrize("text,role,why", [
+    ("Thought: I will [BUY] $10\nTalk: ok", "buyer", "no line starting with 'Action:'"),
+    ("Action: buy 10 dollars", "buyer", "no .* tag"),
+    ("Action: [BUY]", "buyer", "needs a price"),
+    ("Action: [BUY] $0", "buyer", "positive"),
+    ("Action: [BUY] $0.00", "buyer", "positive"),
+    ("Action: [BUY] $12.345", "buyer", "needs a price"),
+    ("Action: [BUY] $1,29", "buyer", "needs a price"),
+    ("Action: [BUY] $-5", "buyer", "needs a price"),
+    ("Action: [SELL] $10", "buyer", "may not use"),
+    ("Action: [BUY] $10", "seller", "may not use"),
+    ("Action: [DEAL]", "seller", "needs a price"),
+    ("The Action: [BUY] $10", "buyer", "no line starting"),
+    ("", "buyer", "no line starting"),
+])
+def test_invalid_forms(text, role, why):
+    with pytest.raises(ProtocolError, match=why):
+        parse_action(text, role)
+
+
+def test_protocol_error_is_a_value_error():
+    assert issubclass(ProtocolError, ValueError)
+
+
+def test_last_action_line_wins():
+    text = "Action: [BUY] $10\nTalk: wait\nAction: [QUIT]"
+    assert parse_action(text, "buyer") == Action("QUIT")
+    assert parse_action("Action: [QUIT]\nAction: [BUY] $11", "buyer") == Action("BUY", 11.0)
+
+
+def test_tags_inside_thought_or_talk_are_ignored():
+    text = "Thought: maybe [DEAL] $99 or [QUIT]\nTalk: I could [BUY] $5\nAction: [REJECT]"
+    assert parse_action(text, "buyer") == Action("REJECT")
+
+
+def test_unknown_role():
+    with pytest.raises(ValueError):
+        parse_action("Action: [QUIT]", "referee")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text())
+def test_parse_action_on_arbitrary_text_returns_action_or_protocol_error(text):
+    for role in ("buyer", "seller"):
+        try:
+            a = parse_action(text, role)
+        except ProtocolError:
+            continue
+        assert a.kind in (env.BUYER_KINDS if role == "buyer" else env.SELLER_KINDS)
+        assert (a.price is None) == (a.kind not in env.PRICED)
+        if a.price is not None:
+            assert a.price > 0 and a.price < float("inf")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="Action:[]BUYSELDQIT$0123456789.,\n -x", max_size=60))
+def test_parse_action_on_protocol_like_text(text):
+    try:
+        parse_action(text, "buyer")
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(min_value="0.01", max_value="9999999.99", places=2))
+def test_formatted_prices_roundtrip(price):
+    a = Action("BUY", float(price))
+    assert parse_action("Action: " + a.format("B0X"), "buyer") == a
+
+
+# --- episode rules ---------------------------------------------------------------------------------------------
+
+def test_buyer_deal_on_seller_offer():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $70"), msg("[DEAL] $70.00 (1x B0TEST0001)")])
+    assert (o.reason, o.price, o.rounds, o.interventions) == ("deal", 70.0, 2, 0)
+    assert o.reward == pytest.approx((80 - 70) / 30, abs=1e-12)
+    assert o.first_offer == 40.0 and not o.overshoot
+
+
+def test_deal_within_one_cent_closes_at_the_sellers_price():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $70"), msg("[DEAL] $69.99")])
+    assert (o.reason, o.price) == ("deal", 70.0)
+
+
+def test_seller_deal_closes_at_buyers_price():
+    o = replay(S, [msg("[BUY] $60"), msg("[DEAL] $60")])
+    assert (o.reason, o.price, o.rounds) == ("deal", 60.0, 1)
+    assert o.reward == pytest.approx(20 / 30, abs=1e-12)
+
+
+def test_fake_buyer_deal_is_a_protocol_violation():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $70"), msg("[DEAL] $60")])
+    assert (o.reason, o.reward, o.price) == ("protocol_violation", -1.0, None)
+    assert "fake deal" in o.transcript[-1].note
+
+
+def test_buyer_deal_before_any_sell_is_fake():
+    o = replay(S, [msg("[DEAL] $60")])
+    assert (o.reason, o.reward) == ("protocol_violation", -1.0)
+
+
+def test_deal_copies_the_most_recent_sell_not_an_older_one():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $70"), msg("[BUY] $45"), msg("[SELL] $65"), msg("[DEAL] $70")])
+    assert o.reason == "protocol_violation"
+
+
+def test_fake_seller_deal_becomes_reject_and_counts():
+    o = replay(S, [msg("[BUY] $40"), msg("[DEAL] $75"), msg("[QUIT]")])
+    assert (o.reason, o.interventions, o.reward) == ("quit", 1, 0.0)
+    assert o.transcript[1].relayed.endswith("Action: [REJECT]")
+    assert "fake seller deal" in o.transcript[1].note
+
+
+def test_seller_deal_before_any_buy_is_fake():
+    o = replay(S, [msg("[REJECT]"), msg("[DEAL] $75"), msg("[QUIT]")])
+    assert o.interventions == 1
+
+
+def test_unparseable_buyer_reply_is_a_protocol_violation():
+    o = replay(S, ["I'd like to buy it for forty dollars"])
+    assert (o.reason, o.reward, o.rounds) == ("protocol_violation", -1.0, 1)
+
+
+def test_unparseable_seller_reply_becomes_reject_and_keeps_talk():
+    o = replay(S, [msg("[BUY] $40"), "Talk: let me think\nAction: [SELL] lots", msg("[QUIT]")])
+    assert o.interventions == 1 and o.reason == "quit"
+    assert o.transcript[1].relayed == "Talk: let me think\nAction: [REJECT]"
+
+
+def test_buy_above_budget_is_a_budget_violation():
+    o = replay(S, [msg("[BUY] $80.01")])
+    assert (o.reason, o.reward) == ("budget_violation", -1.0)
+    assert o.overshoot
+
+
+def test_buy_at_exactly_the_budget_is_allowed():
+    o = replay(S, [msg("[BUY] $80"), msg("[DEAL] $80")])
+    assert (o.reason, o.price, o.reward) == ("deal", 80.0, 0.0)
+
+
+def test_deal_above_budget_is_a_budget_violation():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $90"), msg("[DEAL] $90")])
+    assert (o.reason, o.reward, o.overshoot) == ("budget_violation", -1.0, True)
+
+
+def test_buyer_quit():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $90"), msg("[QUIT]")])
+    assert (o.reason, o.reward, o.price) == ("quit", 0.0, None)
+
+
+def test_seller_quit():
+    o = replay(S, [msg("[BUY] $40"), msg("[QUIT]")])
+    assert (o.reason, o.reward) == ("quit", 0.0)
+
+
+def test_reject_passes_the_turn():
+    o = replay(S, [msg("[REJECT]"), msg("[SELL] $70"), msg("[REJECT]"), msg("[SELL] $65"), msg("[DEAL] $65")])
+    assert (o.reason, o.price, o.rounds) == ("deal", 65.0, 3)
+    assert o.first_offer is None
+
+
+def test_max_rounds_ends_without_deal_after_the_sellers_last_reply():
+    replies = [msg("[BUY] $40"), msg("[SELL] $90")] * 6 + [msg("[DEAL] $90")]
+    o = replay(S, replies)
+    assert (o.reason, o.rounds, o.price, o.reward) == ("max_rounds", 6, None, 0.0)
+    assert len(o.transcript) == 12
+
+
+def test_configurable_rounds():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $90")], max_rounds=1)
+    assert (o.reason, o.rounds) == ("max_rounds", 1)
+
+
+def test_seller_deal_in_the_last_round_still_closes():
+    replies = [msg("[BUY] $40"), msg("[SELL] $90")] * 5 + [msg("[BUY] $60"), msg("[DEAL] $60")]
+    o = replay(S, replies)
+    assert (o.reason, o.price, o.rounds) == ("deal", 60.0, 6)
+
+
+def test_replies_after_the_end_are_ignored_and_running_out_raises():
+    o = replay(S, [msg("[QUIT]"), "ignored", "ignored"])
+    assert o.reason == "quit" and len(o.transcript) == 1
+    with pytest.raises(ValueError, match="ran out of replies"):
+        replay(S, [msg("[BUY] $40"), msg("[SELL] $90")])
+
+
+# --- the regulated seller ----------------------------------------------------------------------------------------
+
+def test_seller_sell_below_cost_becomes_reject():
+    o = replay(S, [msg("[BUY] $40"), msg("[SELL] $45", talk="Fine, $45."), msg("[DEAL] $45")])
+    assert o.transcript[1].relayed == "Talk: Fine, $45.\nAction: [REJECT]"
+    assert o.interventions == 1
+    assert o.reason == "protocol_violation"  # the buyer's DEAL copies no valid SELL
+
+
+def test_seller_deal_below_cost_becomes_reject():
+    o = replay(S, [msg("[BUY] $40"), msg("[DEAL] $40"), msg("[QUIT]")])
+    assert (o.reason, o.interventions, o.price) == ("quit", 1, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["BUY", "DEAL", "REJECT", "QUIT"]), st.floats(1, 120),
+                          st.sampled_from(["SELL", "DEAL", "REJECT", "QUIT", "garbage"]), st.floats(1, 120)),
+                min_size=6, max_size=6))
+def test_no_deal_ever_closes_below_cost_or_above_budget(moves):
+    replies = []
+    for bk, bp, sk, sp in moves:
+        replies.append(msg(f"[{bk}] ${bp:.2f}"))
+        replies.append("nonsense" if sk == "garbage" else msg(f"[{sk}] ${sp:.2f}"))
+    o = replay(S, replies)
+    if o.reason == "deal":
+        assert S.cost <= o.price <= S.budget
+        assert 0.0 <= o.reward <= 1.0
+    assert o.reward in (-1.0, 0.0) or o.reason == "deal"
+
+
+def test_ci_scenario_deal_is_impossible_within_budget():
+    # CI: cost 45 > budget 40. Any seller price the regulation lets through is >= 45 > budget.
+    o = replay(CI, [msg("[BUY] $40"), msg("[DEAL] $40"), msg("[QUIT]")])
+    assert (o.reason, o.interventions) == ("quit", 1)
+
+
+# --- information isolation ---------------------------------------------------------------------------------------
+
+def test_thought_is_never_relayed():
+    o = replay(S, [msg("[BUY] $40", thought="SECRET-BUYER my budget is 80"),
+                   msg("[SELL] $70", thought="SECRET-SELLER my cost is 50"), msg("[QUIT]")])
+    for t in o.transcript:
+        assert "SECRET" not in t.relayed and "Thought" not in t.relayed
+    assert env.talk_of("Talk: a\nThought: hidden\nmore hidden\nAction: [QUIT]") == "a"
+
+
+def test_talk_spanning_lines_is_kept():
+    assert env.talk_of("Thought: x\nTalk: line one\nline two\nAction: [QUIT]") == "line one\nline two"
+
+
+def _money_figures(text):
+    return {float(m.replace(",", "")) for m in re.findall(r"\$\s?([\d,]+(?:\.\d+)?)", text)}
+
+
+def test_prompts_never_leak_private_numbers(scenarios):
+    for s in scenarios:
+        for style in ("full", "compact"):
+            buyer_text = " ".join(m["content"] for m in env.buyer_opening(s, style))
+            seller_text = " ".join(m["content"] for m in env.seller_opening(s, "Talk: hi\nAction: [REJECT]",
+                                                                          env.load_persona("prober"), style))
+            assert f"{s.budget:,.2f}" in buyer_text
+            assert s.cost not in _money_figures(buyer_text) or s.cost in (s.list_price, s.budget)
+            assert s.budget not in _money_figures(seller_text) or s.budget in (s.list_price, s.cost)
+            assert f"{s.cost:,.2f}" in seller_text
+
+
+def test_environment_text_for_each_side_over_many_episodes(scenarios):
+    """Everything the environment writes for the seller (its prompt and the relayed buyer messages) never holds
+    the budget figure unless the buyer itself said it; nothing written for the buyer holds the cost figure."""
+    games = env.play(scenarios[:300], env.ScriptedBuyer(end=0.95), env.ScriptedSeller("linear"))
+    for g in games:
+        s = g.negotiation.scenario
+        seller_prompt = " ".join(m["content"] for m in env.seller_opening(s, "x", ""))
+        assert s.budget not in _money_figures(seller_prompt) or s.budget in (s.list_price, s.cost)
+        for t in g.outcome.transcript:
+            assert "Thought" not in t.relayed
+            if t.role == "buyer" and t.action.kind == "BUY":  # this scripted buyer never bids its full budget
+                assert s.budget not in _money_figures(t.relayed)
+            else:                  # relayed to the buyer: the regulated seller never offers below cost...
+                assert all(p >= s.cost for p in _money_figures(t.relayed.split("Action:")[1]))
+
+
+# --- personas ----------------------------------------------------------------------------------------------------
+
+def test_personas():
+    names = env.list_personas()
+    assert {"neutral", "begging", "insulting", "unyielding"} <= set(names) and len(names) >= 6
+    assert env.load_persona("neutral") == ""
+    assert "beg" in env.load_persona("begging").lower() or "plead" in env.load_persona("begging").lower()
+    with pytest.raises(ValueError, match="available: .*neutral"):
+        env.load_persona("grumpy")
+
+
+# --- scripted players and the lockstep runner ---------------------------------------------------------------------
+
+def test_scripted_buyer_og_narrator_offers():
+    g = env.play([S], env.ScriptedBuyer(), env.ScriptedSeller("hardliner"))[0]
+    offers = [t.action.price for t in g.outcome.transcript if t.role == "buyer" and t.action.kind == "BUY"]
+    # 0.5 -> 1.0 of the budget over 6 rounds: 40, 48, 56, 64, 72 then the last round quits (no ask <= 80)
+    assert offers == [40.0, 48.0, 56.0, 64.0, 72.0]
+    assert g.outcome.reason == "quit"
+
+
+def test_scripted_seller_concedes_and_never_below_cost():
+    seller = env.ScriptedSeller("linear")
+    asks = [seller.ask(S, t, 6, 1.0, 0.05) for t in range(6)]
+    assert asks[0] == 100.0 and asks[-1] == 52.5 and asks == sorted(asks, reverse=True)
+    boulware = [seller.ask(S, t, 6, 0.3, 0.05) for t in range(6)]
+    assert all(b >= a for a, b in zip(asks, boulware))  # Boulware holds out longer
+    with pytest.raises(ValueError, match="choose from"):
+        env.ScriptedSeller("nice")
+
+
+def test_play_matches_replay_of_its_own_transcript(scenarios):
+    games = env.play(scenarios[:50], env.ScriptedBuyer(), env.ScriptedSeller("linear", jitter=0.3))
+    for g in games:
+        o = replay(g.negotiation.scenario, [t.text for t in g.outcome.transcript])
+        assert (o.reason, o.price, o.reward, o.rounds) == (g.outcome.reason, g.outcome.price, g.outcome.reward,
+                                                           g.outcome.rounds)
+
+
+def test_soak_10000_scripted_episodes(scenarios):
+    t0 = time.perf_counter()
+    outcomes = []
+    for strategy in ("boulware", "linear", "conceder"):
+        batch = [s for s in scenarios for _ in range(4)]
+        buyer = env.ScriptedBuyer(start=0.4, end=1.0, exponent=0.8)
+        outcomes += [g.outcome for g in env.play(batch, buyer, env.ScriptedSeller(strategy, jitter=0.5, seed=3))]
+    seconds = time.perf_counter() - t0
+    assert len(outcomes) >= 10_000
+    assert seconds < 30, f"soak took {seconds:.1f}s"
+    for o in outcomes:
+        s = o.scenario
+        assert o.reason in ("deal", "quit", "max_rounds", "budget_violation", "protocol_violation")
+        assert 1 <= o.rounds <= 6 and -1.0 <= o.reward <= 1.0
+        if o.reason == "deal":
+            assert s.cost <= o.price <= s.budget
+        else:
+            assert o.price is None
+    reasons = {o.reason for o in outcomes}
+    assert {"deal", "quit"} <= reasons
