@@ -115,6 +115,31 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+def synthetic_texts(n: int = 400, seed: int = 0) -> list[str]:
+    """Protocol-like replies and product-like titles with random prices: enough to train a tiny tokenizer whose
+    merges look like the real traffic, without reading the dataset."""
+    import random
+
+    rng = random.Random(seed)
+    brands = ["Anker", "Sony", "Logitech", "Philips", "Bosch", "Lego", "Samsung", "Oral-B", "Kindle", "Hamilton"]
+    things = ["Wireless Mouse", "Portable Charger", "Electric Toothbrush", "Coffee Maker", "Noise Cancelling "
+              "Headphones", "Building Set", "Cordless Drill", "Smart Watch", "Air Fryer", "USB-C Cable"]
+    thoughts = ["The price is too high for my budget.", "They might accept a lower offer.", "This is a fair deal.",
+                "I should hold firm.", "I can go a little higher."]
+    talks = ["Would you take less?", "That is my best offer.", "I can meet you halfway.", "Deal, thank you!",
+             "Sorry, that is below my cost."]
+    out = []
+    for _ in range(n):
+        price = f"${rng.randint(1, 2999)}.{rng.randint(0, 99):02d}"
+        code = "B0" + "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(8))
+        tag = rng.choice(["[BUY]", "[SELL]", "[DEAL]"])
+        out.append(f"Thought: {rng.choice(thoughts)}\nTalk: {rng.choice(talks)} How about {price}?\n"
+                   f"Action: {tag} {price} (1x {code})")
+        out.append(f"{rng.choice(brands)} {rng.choice(things)}, {rng.randint(1, 12)}-Pack - listed at {price}")
+    out += ["Action: [REJECT]", "Action: [QUIT]"]
+    return out
+
+
 def _save_tiny(model, tokenizer, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
