@@ -298,8 +298,25 @@ def _inventory_line(s: Scenario, description_chars: int) -> str:
             f"listed price: ${s.list_price:,.2f}")
 
 
+# The "ladder" style lists candidate offers as fractions of the budget, each under a letter, so that a tiny model
+# picks a letter and copies a price instead of doing arithmetic. The top rung stays below the budget, so an offer
+# copied from the ladder can never overshoot.
+LADDER = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+LADDER_LETTERS = "abcdefgh"
+
+
+def ladder_prices(budget: float) -> list[float]:
+    """The ladder style's candidate offers for a budget, in cents, lowest first."""
+    return [_cents(f * budget) for f in LADDER]
+
+
 def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400) -> list[dict]:
     """System + first user message for the buyer. Holds the budget; never the cost."""
+    if style == "ladder":  # compact + the candidate offers (see LADDER)
+        offers = ", ".join(f"{k} ${p:,.2f}" for k, p in zip(LADDER_LETTERS, ladder_prices(s.budget)))
+        return [{"role": "system", "content": "You are the buyer. Format: Thought/Talk/Action."},
+                {"role": "user", "content": f"Item {s.codename}, list ${s.list_price:,.2f}. "
+                                            f"Your budget ${s.budget:,.2f}. Offers: {offers}. Make your offer."}]
     if style == "compact":  # short sequences for tiny CPU models: the same facts, no description
         return [{"role": "system", "content": "You are the buyer. Format: Thought/Talk/Action."},
                 {"role": "user", "content": f"Item {s.codename}, list ${s.list_price:,.2f}. "
@@ -313,7 +330,7 @@ def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400
 def seller_opening(s: Scenario, buyer_message: str, persona: str = "", style: str = "full",
                    description_chars: int = 400) -> list[dict]:
     """System + first user message for the seller. Holds the cost; never the budget."""
-    if style == "compact":
+    if style in ("compact", "ladder"):  # the ladder is the buyer's; a seller given that style gets compact
         system = "You are the seller. Format: Thought/Talk/Action."
         first = f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}.\nBuyer:\n{buyer_message}"
     else:
