@@ -1,0 +1,809 @@
+"""GRPO for a negotiating buyer, in plain PyTorch. Read top to bottom: config, ranks, model, engine, players, loop.
+
+    python train.py configs/tiny.yaml model.name=/path/to/tiny          # one process, CPU or one GPU
+    torchrun --nproc_per_node 2 train.py configs/tiny.yaml ...          # data parallel on this machine (gloo on CPU)
+    torchrun --nproc_per_node 8 train.py config.yaml                    # the paper's run: Qwen3-30B-A3B, 8 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py config.yaml
+    python train.py config.yaml resume=never out_dir=runs/fresh train.lr=1e-5    # any field, dotted key=value
+
+One step:
+ 1. Every rank takes its share of the step's products (the train split, reshuffled each epoch) and plays
+    `group_size` episodes of each against the seller, all in lockstep (env.play: batched generation).
+ 2. reward.py scores each episode. Advantage = reward minus the mean reward of its group (the same product);
+    not divided by the group's std (the paper), unless train.adv_scale=std.
+ 3. The trainer recomputes the log-probs of the buyer's generated tokens (the "old" policy, no gradient), in
+    micro-batches packed by a token budget, with the engine's temperature applied to the logits.
+ 4. The clipped surrogate loss (`policy_loss`) on exactly the tokens the buyer generated: prompt, seller and
+    chat-template tokens have mask 0 and get no gradient. Token-level normalisation over the whole batch
+    (DAPO) by default; asymmetric clip 0.2 / 0.28 (DAPO's clip-higher).
+ 5. AdamW on the LoRA parameters, warm-up, gradient clipping; the gradient all-reduce across ranks is one
+    visible call. The engine then receives the new weights (a no-op for the HF engine, which shares them).
+
+Deliberate choices:
+- No KL by default (the paper): kl_coef=0 runs no reference forward at all. With kl_coef>0: k3 estimator
+  against the same model with the adapter disabled, aggregated like the loss.
+- Groups never straddle ranks: a rank plays whole groups, so advantages need no communication.
+- The engine's log-probs are not used as "old" log-probs: the trainer recomputes them (same kernels as the
+  update, so the first update's ratio is exactly 1). The engine-vs-trainer difference is logged every step and,
+  with train.tis_cap>0, corrected by truncated importance sampling (weight min(p_trainer / p_engine, cap)),
+  folded into per-token advantages.
+- train.updates_per_batch>1 cuts the step's episodes into that many parts, one optimiser update each, all
+  against the same old log-probs: later parts are off-policy and the clip matters.
+- Gradient sync by hand (one all_reduce of the flat LoRA gradient) instead of a DDP wrapper: it is the same
+  arithmetic, visible here, and works with any number of micro-batches per rank.
+- Rollout sampling seeds depend only on (seed, step, rank), and each step's products only on (seed, step):
+  a resumed run replays exactly what the uninterrupted run would have done.
+- A NaN/inf loss or gradient skips the update (weights untouched) and is logged; max_bad_steps in a row stop the
+  run. Checkpoints are written to a temporary folder and renamed, and never from non-finite weights.
+- SIGTERM/SIGINT: during rollouts the step is abandoned (weights untouched) and the state before it saved;
+  during the update the step is finished and saved. A second signal kills as usual.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import env
+import reward
+from config import ConfigError, load_config, save_config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GRPO math: pure functions, never writing into their inputs.
+
+
+def group_advantages(rewards, group_size: int, scale: str = "none") -> torch.Tensor:
+    """A_i = r_i - mean(r of its group); scale="std" also divides by (std + 1e-4), torch's unbiased std.
+    Groups are consecutive blocks of group_size. rewards [N] -> advantages [N], float32."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if r.ndim != 1 or group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"need a 1-D reward vector whose length {tuple(r.shape)} is a multiple of group_size={group_size}")
+    if scale not in ("none", "std"):
+        raise ValueError(f"scale={scale!r}: use 'none' or 'std'")
+    groups = r.reshape(-1, group_size)                          # [N/G, G]
+    adv = groups - groups.mean(dim=1, keepdim=True)             # [N/G, G]
+    if scale == "std":
+        adv = adv / (groups.std(dim=1, keepdim=True) + 1e-4)   # [N/G, G]
+    return adv.reshape(-1)                                      # [N]
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "token",
+                max_tokens: int | None = None) -> torch.Tensor:
+    """The clipped surrogate. logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence, broadcast over its
+    tokens) or [B, T] (per token, e.g. with importance weights folded in). Returns a scalar.
+
+    l_t = -min(ratio_t * A, clamp(ratio_t, 1 - eps_low, 1 + eps_high) * A),  ratio_t = exp(logp_t - old_logp_t)
+    """
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages     # [B, 1] or [B, T]
+    ratio = torch.exp(logp - old_logp)                                    # [B, T]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)               # [B, T]
+    per_token = -torch.minimum(ratio * adv, clipped * adv)                # [B, T]
+    return aggregate(per_token, mask, agg, max_tokens)
+
+
+def aggregate(per_token, mask, agg: str = "token", max_tokens: int | None = None) -> torch.Tensor:
+    """Masked reduction of a per-token loss [B, T] to a scalar:
+    token: sum(l*m) / sum(m) over the batch (DAPO) | seq: mean over sequences of sum_t(l*m) / sum_t(m) (GRPO)
+    | dr_grpo: sum(l*m) / (B * max_tokens) (Dr. GRPO). A sequence or batch without masked tokens contributes 0."""
+    m = mask.to(per_token.dtype)                                          # [B, T]
+    masked = torch.where(m > 0, per_token, torch.zeros_like(per_token))   # [B, T]; masked-out values never leak
+    if agg == "token":
+        return masked.sum() / m.sum().clamp(min=1)
+    if agg == "seq":
+        return (masked.sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()   # [B] -> scalar
+    if agg == "dr_grpo":
+        if not max_tokens:
+            raise ValueError("agg='dr_grpo' needs max_tokens (the constant per-sequence denominator)")
+        return masked.sum() / (m.shape[0] * max_tokens)
+    raise ValueError(f"agg={agg!r}: use 'token', 'seq' or 'dr_grpo'")
+
+
+def kl_k3(logp, ref_logp) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0. [B, T]."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def tis_weights(old_logp, engine_logp, cap: float) -> torch.Tensor:
+    """Truncated importance weight of each sampled token: min(p_trainer / p_engine, cap), no gradient. [B, T]."""
+    return torch.exp(old_logp - engine_logp).clamp(max=cap).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From episodes to tensors: micro-batches packed by token budget, log-probs under the sampling temperature.
+
+
+@dataclass
+class MicroBatch:
+    rows: list[int]              # indices of the episodes in this micro-batch (into the rank's episode list)
+    ids: torch.Tensor            # [B, T] the buyer's conversation token ids, right-padded
+    attn: torch.Tensor           # [B, T] 1 on real tokens, 0 on padding
+    mask: torch.Tensor           # [B, T-1] 1 where the predicted token ids[:, t+1] was generated by the buyer
+    engine_logp: torch.Tensor    # [B, T-1] the engine's log-prob of each predicted token (0 off the mask)
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted longest first, cut into runs whose rows x longest row <= max_tokens (a longer sequence
+    gets a micro-batch of its own). Sorting keeps padding minimal: neighbours have similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:  # current[0] is the longest
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def right_pad(rows: list[list], width: int, value, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def micro_batches(convs: list[env.Conversation], rows: list[int], max_tokens: int, pad_id: int, device) -> list[MicroBatch]:
+    """The episodes `rows` as padded tensors. The loss mask is Conversation.mask shifted by one: the logits at
+    position t predict token t+1, so position t is trained exactly when token t+1 was generated by the buyer."""
+    out = []
+    for chunk in pack_by_tokens([len(convs[i].ids) for i in rows], max_tokens):
+        members = [rows[j] for j in chunk]
+        width = max(len(convs[i].ids) for i in members)
+        ids = right_pad([convs[i].ids for i in members], width, pad_id, torch.long)
+        attn = right_pad([[1] * len(convs[i].ids) for i in members], width, 0, torch.long)
+        mask = right_pad([convs[i].mask[1:] for i in members], width - 1, 0, torch.float32)
+        engine_logp = right_pad([convs[i].logprobs[1:] for i in members], width - 1, 0.0, torch.float32)
+        out.append(MicroBatch(members, ids.to(device), attn.to(device), mask.to(device), engine_logp.to(device)))
+    return out
+
+
+def token_logprobs(model, ids, attn, temperature: float, with_entropy: bool = False):
+    """log p(ids[:, t+1] | ids[:, :t+1]) under softmax(logits / temperature), the distribution the engine sampled
+    from. ids, attn [B, T] -> logp [B, T-1] (float32), and the entropy [B, T-1] of that distribution if asked."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature    # [B, T-1, V]
+    lse = torch.logsumexp(logits, dim=-1)                                                       # [B, T-1]
+    logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse                                # [B, T-1]
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)                       # [B, T-1]
+    return logp, entropy
+
+
+def rows_of(values: list[torch.Tensor], rows: list[int], width: int, device) -> torch.Tensor:
+    """Per-episode 1-D tensors (e.g. old log-probs) of `rows`, right-padded with 0 to [B, width]."""
+    return right_pad([values[i].tolist() for i in rows], width, 0.0, torch.float32).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks, seeds, data order
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs) -> None:
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on `t`, which the caller owns); identity with one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def any_rank(flag: bool, device) -> bool:
+    return bool(all_max(torch.tensor([float(flag)], device=device)).item())
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rollout_seed(seed: int, step: int, rank_: int) -> int:
+    """The sampling seed of one rank's rollouts at one step; players add their call count (< 100 per step)."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank_) * 1_000 % 2**62
+
+
+def step_products(train: list[data.Scenario], step: int, n: int, seed: int) -> list[data.Scenario]:
+    """The n products of a step: consecutive positions step*n .. step*n+n-1 in an endless sequence of epochs,
+    each epoch a fresh permutation of the train split seeded by (seed, epoch). A pure function of the step, so
+    the data position is restored by the step number alone."""
+    out = []
+    for pos in range(step * n, step * n + n):
+        epoch, i = divmod(pos, len(train))
+        order = list(range(len(train)))
+        random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+        out.append(train[order[i]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: step_NNNNNN/{adapter/, trainer.pt, config.yaml}, written to a .tmp folder then renamed.
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(out_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first. A .tmp folder (a save cut short) is never one."""
+    return sorted(p for p in Path(out_dir).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer.pt").exists())
+
+
+def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: int) -> Path | None:
+    """Collective (every rank passes its RNG state); rank 0 writes."""
+    rngs = gather_objects(rng_state())
+    if rank() != 0:
+        return None
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise RuntimeError(f"refusing to checkpoint step {step}: the LoRA weights hold NaN/inf")
+    final = Path(cfg.out_dir) / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "adapter")  # standard peft folder: PeftModel.from_pretrained / vLLM LoRA
+    torch.save({"step": step, "data_position": step * cfg.rollout.products_per_step, "world_size": world(),
+                "bad_updates": bad_updates, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rngs}, tmp / "trainer.pt")
+    save_config(cfg, tmp / "config.yaml")
+    if final.exists():  # the same step saved again (a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(cfg.out_dir)[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_resume_checkpoint(cfg) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(cfg.out_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / "trainer.pt").exists():
+        raise SystemExit(f"resume={cfg.resume}: no trainer.pt there; use auto, never, or a step_NNNNNN folder")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    if state["world_size"] != world():
+        raise SystemExit(f"{path} was written by {state['world_size']} rank(s), this run has {world()}: resume with "
+                         f"torchrun --nproc_per_node {state['world_size']} (the per-rank RNG and data shares differ)")
+    device = next(model.parameters()).device
+    result = set_peft_model_state_dict(model, load_peft_weights(str(path / "adapter"), device=str(device)))
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"{path}/adapter does not fit this model (unexpected {result.unexpected_keys[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank()])
+    return state
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """On resume, forget log lines of steps after the checkpoint (a run killed between log and save)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and _line_step(ln) <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _line_step(line: str) -> int:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return 10**9  # a line cut by a kill: dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the pieces the config names
+
+
+def build_engine(cfg, model, tokenizer):
+    if cfg.engine.kind == "hf":
+        from engine import HFEngine
+        return HFEngine(model, tokenizer, max_batch_tokens=cfg.engine.max_batch_tokens)
+    from vllm_engine import VLLMEngine
+    e = cfg.engine
+    return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype,
+                      gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
+                      max_lora_rank=cfg.model.lora_r, max_num_seqs=e.max_num_seqs, seed=cfg.seed,
+                      quantization=e.quantization or None, enforce_eager=e.enforce_eager)
+
+
+def build_seller(cfg, engine, endpoint, seed: int):
+    s, r = cfg.seller, cfg.rollout
+    persona = env.load_persona(s.persona) if s.persona and s.kind != "scripted" else ""
+    if s.kind == "scripted":
+        return env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=seed)
+    if s.kind == "chat":
+        return env.ChatPlayer(endpoint, "seller", temperature=s.temperature, max_tokens=s.max_tokens, persona=persona,
+                              description_chars=r.description_chars)
+    return env.LLMPlayer(engine, "seller", temperature=s.temperature, max_tokens=s.max_tokens, adapter=False,
+                         persona=persona, style=r.style, description_chars=r.description_chars,
+                         max_context=r.max_context, seed=seed)
+
+
+def build_buyer(cfg, engine, seed: int, temperature: float | None = None):
+    r = cfg.rollout
+    return env.LLMPlayer(engine, "buyer", r.buyer_temperature if temperature is None else temperature,
+                         r.buyer_max_tokens, adapter=True, style=r.style, description_chars=r.description_chars,
+                         max_context=r.max_context, seed=seed)
+
+
+def freshness_probe(tokenizer, scenario, style: str):
+    """A fixed prompt + reply the vLLM engine and the trainer both score after every sync (vllm_engine)."""
+    from vllm_engine import FreshnessProbe
+    fmt = env.ChatFormat(tokenizer)
+    prompt = fmt.opening(env.buyer_opening(scenario, style))
+    reply = fmt.encode(f"Thought: Start low.\nTalk: Would you take ${scenario.budget * 0.6:,.2f}?\n"
+                       f"Action: [BUY] ${scenario.budget * 0.6:,.2f} (1x {scenario.codename})") + [fmt.eos_id]
+    return FreshnessProbe(prompt + reply, prompt_len=len(prompt))
+
+
+class Loggers:
+    """metrics.jsonl, transcripts.jsonl and, when enabled, TensorBoard / W&B. Rank 0 only."""
+
+    def __init__(self, cfg, resumed_step: int):
+        self.dir = Path(cfg.out_dir)
+        self.tb = self.wandb = None
+        if rank() != 0:
+            return
+        for name in ("metrics.jsonl", "transcripts.jsonl"):
+            drop_lines_after(self.dir / name, resumed_step)
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("log.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                                 "or set log.tensorboard=false") from None
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+        if cfg.log.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("log.wandb_project is set but wandb is not installed: pip install wandb, or set "
+                                 "log.wandb_project=''") from None
+            self.wandb = wandb.init(project=cfg.log.wandb_project, config=asdict(cfg), dir=str(self.dir),
+                                    resume="allow", id=self.dir.resolve().name)
+
+    def log(self, metrics: dict, transcripts: list[dict]) -> None:
+        if rank() != 0:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(self.dir / "transcripts.jsonl", "a") as f:
+            for t in transcripts:
+                f.write(json.dumps(t) + "\n")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, metrics["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=metrics["step"])
+
+
+def episode_stats(outcome: env.Outcome) -> reward.EpisodeStats:
+    return reward.EpisodeStats(outcome.reward, outcome.reason, outcome.price, outcome.budget, outcome.cost,
+                               outcome.list_price, outcome.rounds, outcome.interventions, outcome.first_offer,
+                               outcome.overshoot, outcome.category)
+
+
+def peak_memory_gib(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (whole process)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step's parts: rollouts, scoring, updates
+
+
+class Abandon(Exception):
+    """A stop signal arrived during rollouts: drop the step (weights are untouched)."""
+
+
+STOP = {"signal": None}
+
+
+def on_signal(signum, frame) -> None:
+    STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
+    print(f"\nrank {rank()}: got signal {signum}; stopping cleanly at the next safe point (send it again to kill)",
+          file=sys.stderr, flush=True)
+
+
+def abandon_if_stopping(games) -> None:
+    if STOP["signal"] is not None:
+        raise Abandon()
+
+
+def reduce_stats(sums: dict, maxes: dict, device) -> tuple[dict, dict]:
+    """Sum `sums` and take the max of `maxes` over ranks (two collectives); values as Python floats."""
+    def reduce(d, fn):
+        keys = sorted(d)
+        t = fn(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=device)).cpu().tolist()
+        return dict(zip(keys, t))
+    return reduce(sums, all_sum), reduce(maxes, all_max)
+
+
+def add(into: dict, **values) -> None:
+    for k, v in values.items():
+        into[k] = into.get(k, 0.0) + float(v)
+
+
+@torch.no_grad()
+def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
+    """The current policy's log-probs of every buyer token before any update ("old"), and the reference's when
+    a KL is used; adds entropy and engine-vs-trainer statistics over the buyer tokens to stats / maxes."""
+    t, temperature = cfg.train, cfg.rollout.buyer_temperature
+    old, ref = [None] * len(convs), [None] * len(convs)
+    for mb in micro_batches(convs, list(range(len(convs))), t.micro_batch_tokens, pad_id, device):
+        logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, with_entropy=True)     # [B, T-1]
+        if t.kl_coef > 0:
+            with model.disable_adapter():  # the reference: the frozen base model
+                ref_logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature)                    # [B, T-1]
+        m = mb.mask > 0
+        diff = (mb.engine_logp - logp)[m]                                                          # [n_tokens]
+        add(stats, buyer_tokens=m.sum(), entropy=entropy[m].sum(), logp_diff_abs=diff.abs().sum(),
+            logp_diff=diff.sum())
+        maxes["logp_diff_abs_max"] = max(maxes.get("logp_diff_abs_max", 0.0), diff.abs().max().item() if m.any() else 0.0)
+        for j, i in enumerate(mb.rows):
+            n = len(convs[i].ids) - 1
+            old[i] = logp[j, :n].cpu()
+            if t.kl_coef > 0:
+                ref[i] = ref_logp[j, :n].cpu()
+    return old, (ref if t.kl_coef > 0 else None)
+
+
+def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg, pad_id, device, stats, maxes):
+    """One optimiser update on the episodes `rows` (this rank's part of the batch); adds loss, clip, ratio, KL
+    and importance-weight statistics to stats / maxes. Returns (grad norm, skipped). Every rank calls it the same
+    number of times (it holds the gradient all-reduce)."""
+    t, temperature = cfg.train, cfg.rollout.buyer_temperature
+    max_tokens = t.dr_grpo_max_tokens or cfg.rollout.buyer_max_tokens * cfg.rollout.max_rounds
+    batches = micro_batches(convs, rows, t.micro_batch_tokens, pad_id, device)
+    # Each micro-batch's loss is weighted by its share of the global batch (tokens for "token", sequences for
+    # "seq"/"dr_grpo"), so the gradient summed over micro-batches and ranks is the gradient of the whole batch.
+    count = (lambda mb: mb.mask.sum().item()) if t.loss_agg == "token" else (lambda mb: float(len(mb.rows)))
+    total = all_sum(torch.tensor([sum(count(mb) for mb in batches)], dtype=torch.float64, device=device)).item()
+    loss_sum = 0.0
+    model.train()
+    optimizer.zero_grad(set_to_none=False)
+    for mb in batches:
+        width = mb.mask.shape[1]
+        logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature)                            # [B, T-1]
+        old_logp = rows_of(old, mb.rows, width, device)                                          # [B, T-1]
+        a = adv[mb.rows].to(device)[:, None].expand(-1, width)                                   # [B, T-1]
+        if t.tis_cap > 0:  # w > 0, so min(r*wA, clip(r)*wA) = w * min(r*A, clip(r)*A): the token's loss times w
+            a = a * tis_weights(old_logp, mb.engine_logp, t.tis_cap)                             # [B, T-1]
+        loss = policy_loss(logp, old_logp, a, mb.mask, t.eps_low, t.eps_high, t.loss_agg, max_tokens)
+        if ref is not None:
+            kl = kl_k3(logp, rows_of(ref, mb.rows, width, device))                               # [B, T-1]
+            loss = loss + t.kl_coef * aggregate(kl, mb.mask, t.loss_agg, max_tokens)
+        weighted = loss * (count(mb) / total)
+        weighted.backward()
+        loss_sum += weighted.item()
+        with torch.no_grad():
+            m = mb.mask > 0
+            ratio, a_m = torch.exp(logp - old_logp)[m], a[m]                                     # [n_tokens]
+            clipped = ((ratio < 1 - t.eps_low) & (a_m < 0)) | ((ratio > 1 + t.eps_high) & (a_m > 0))
+            add(stats, trained_tokens=m.sum(), clipped=clipped.sum(), ratio=ratio.sum(),
+                kl_old=kl_k3(logp, old_logp)[m].sum())
+            if ref is not None:
+                add(stats, kl_ref=kl[m].sum())
+            if t.tis_cap > 0:
+                w = tis_weights(old_logp, mb.engine_logp, t.tis_cap)[m]
+                add(stats, tis_weight=w.sum(), tis_capped=(w >= t.tis_cap).sum())
+            if m.any():
+                maxes["ratio_max"] = max(maxes.get("ratio_max", 0.0), ratio.max().item())
+                maxes["inv_ratio_max"] = max(maxes.get("inv_ratio_max", 0.0), (1 / ratio).max().item())
+    # Gradient sync, by hand: every rank holds the gradient of its weighted share; their sum is the batch's.
+    grads = [p.grad for p in params]
+    flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(synced.view_as(g))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")).item()
+    loss_total = all_sum(torch.tensor([loss_sum], dtype=torch.float64, device=device)).item()
+    add(stats, loss=loss_total / world())  # summed over ranks once more in reduce_stats
+    skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_total))
+    if skipped:
+        optimizer.zero_grad(set_to_none=False)  # the update is dropped: weights and Adam moments stay as they were
+    else:
+        optimizer.step()
+        scheduler.step()
+    return grad_norm, skipped
+
+
+def step_metrics(step, episodes, stats, maxes, grad_norms, skipped, times, scheduler, device, cfg) -> dict:
+    """The metrics.jsonl line of one step: every reward.summarize metric, then the trainer's statistics."""
+    per = lambda key, n: stats[key] / max(n, 1.0) if key in stats else None  # noqa: E731
+    buyer, trained = stats.get("buyer_tokens", 0.0), stats.get("trained_tokens", 0.0)
+    return {"step": step, **reward.summarize(episodes),
+            "loss": stats["loss"] / len(grad_norms), "grad_norm": sum(grad_norms) / len(grad_norms),
+            "skipped_updates": skipped, "clip_fraction": per("clipped", trained), "entropy": per("entropy", buyer),
+            "kl_ref": per("kl_ref", trained), "kl_old": per("kl_old", trained),
+            "ratio_mean": per("ratio", trained), "ratio_max": maxes.get("ratio_max"),
+            "ratio_min": 1 / maxes["inv_ratio_max"] if maxes.get("inv_ratio_max") else None,
+            "tis_weight_mean": per("tis_weight", trained), "tis_capped_fraction": per("tis_capped", trained),
+            "logp_diff_abs_mean": per("logp_diff_abs", buyer), "logp_diff_mean": per("logp_diff", buyer),
+            "logp_diff_abs_max": maxes.get("logp_diff_abs_max"), "probe_gap": times.pop("probe_gap", None),
+            "tokens_generated": int(stats["generated_tokens"]), "tokens_trained": int(trained),
+            "sequence_tokens": int(stats["sequence_tokens"]),
+            "tokens_per_s": stats["generated_tokens"] / max(times["rollout"], 1e-9),
+            **{f"time_{k}": v for k, v in times.items()},
+            "lr": scheduler.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final held-out evaluation (eval.py's evaluate: the same env, rules and reward as training)
+
+
+def evaluate_policy(cfg, engine, test, name: str, adapter: bool, seller_endpoint) -> dict:
+    """Every rank plays its share of the test products; rank 0 returns eval.summarize_with_ci over all of them."""
+    import eval as evaluation
+
+    ev = cfg.eval
+    products = evaluation.pick_products(test, ev.products or None)
+    mine = products[rank()::world()]
+    if name == "scripted":
+        buyer = env.ScriptedBuyer()
+    else:
+        buyer = build_buyer(cfg, engine, seed=ev.seed, temperature=ev.buyer_temperature)
+        buyer.adapter = adapter
+    seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
+    records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=ev.episodes_per_product,
+                                  max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size, buyer_name=name,
+                                  seller_name=cfg.seller.kind, persona=cfg.seller.persona, seed=ev.seed + rank(),
+                                  out_path=Path(cfg.out_dir) / f"eval_{name}_rank{rank()}.jsonl",
+                                  progress=cfg.log.progress and rank() == 0) if mine else []
+    everything = [r for part in gather_objects(records) for r in part]
+    summary = evaluation.summarize_with_ci(everything)
+    return summary | {"episodes": len(everything)}
+
+
+def final_evaluation(cfg, engine, test, seller_endpoint, before: dict | None) -> dict:
+    """{"before", "after", "scripted"} summaries; "before" was measured at step 0 (kept in eval_before.json)."""
+    result = {"before": before, "after": evaluate_policy(cfg, engine, test, "after", True, seller_endpoint)}
+    if cfg.eval.scripted:
+        result["scripted"] = evaluate_policy(cfg, engine, test, "scripted", False, seller_endpoint)
+    if rank() == 0:
+        (Path(cfg.out_dir) / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        keys = ("episodes", "reward", "deal_rate", "bargained_ratio", "overshoot_rate", "protocol_violation_rate",
+                "first_offer_ratio")
+        print0(f"{'held-out':<10}" + "".join(f"{k[:17]:>18}" for k in keys))
+        for name, row in result.items():
+            if row:
+                print0(f"{name:<10}" + "".join(f"{_fmt(row.get(k)):>18}" for k in keys))
+    return result
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        raise SystemExit("usage: [torchrun --nproc_per_node N] train.py CONFIG.yaml [key=value ...]")
+
+    # ---- config: every value checked before anything heavy ---------------------------------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        cfg.validate(world_size)
+    except ConfigError as e:
+        raise SystemExit(f"train.py: {e}") from None
+
+    # ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK --------------------------------------------
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu") if cfg.device in ("auto", "cpu") \
+        else torch.device(cfg.device)
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank() == 0:
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    # ---- data: the held-out split is never trained on ----------------------------------------------------------
+    scenarios = data.load_scenarios(cfg.data.path or None, budget_factor=cfg.data.budget_factor)
+    train, test = data.split_scenarios(scenarios, seed=cfg.data.split_seed, test_size=cfg.data.test_size)
+    per_rank = cfg.rollout.products_per_step // world()
+    print0(f"data: {len(train)} train / {len(test)} test products; {cfg.rollout.products_per_step} products x "
+           f"{cfg.rollout.group_size} episodes per step over {world()} rank(s)")
+
+    # ---- model, optimiser, engine, seller ----------------------------------------------------------------------
+    import model as model_lib
+    model, tokenizer = model_lib.load_policy(cfg.model, str(device), verbose=rank() == 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: min(1.0, (u + 1) / t.warmup_updates) if t.warmup_updates else 1.0)
+    start_step, bad_updates = 0, 0
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        start_step, bad_updates = state["step"], state["bad_updates"]
+        print0(f"resumed from {resume_from} (step {start_step}, data position {state['data_position']})")
+    engine = build_engine(cfg, model, tokenizer)
+    engine.sync(model)  # the engine generates with the (possibly resumed) policy from the first rollout on
+    probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if cfg.engine.kind == "vllm" else None
+    sleeps = cfg.engine.kind == "vllm" and cfg.engine.sleep and torch.cuda.is_available()
+    endpoint = None
+    if cfg.seller.kind == "chat":
+        from engine import ChatEndpoint
+        endpoint = ChatEndpoint(cfg.seller.url, cfg.seller.model, api_key_env=cfg.seller.api_key_env)
+        endpoint.check()
+    logs = Loggers(cfg, start_step)
+    pad_id = tokenizer.pad_token_id
+
+    before = None
+    if cfg.eval.episodes_per_product > 0:  # the starting policy, measured once and kept for resumed runs
+        path = Path(cfg.out_dir) / "eval_before.json"
+        if start_step == 0 or not path.exists():
+            if start_step > 0:
+                print0("note: no eval_before.json in the run folder; 'before' is measured on the resumed policy")
+            before = evaluate_policy(cfg, engine, test, "before", True, endpoint)
+            if rank() == 0:
+                path.write_text(json.dumps(before, indent=2) + "\n")
+        else:
+            before = json.loads(path.read_text())
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True,
+               disable=rank() != 0 or not cfg.log.progress)
+    metrics: dict = {}
+    G = cfg.rollout.group_size
+    for step in range(start_step, t.steps):
+        # 1. rollouts: this rank's products, G episodes each (consecutive), against the seller
+        t0 = time.perf_counter()
+        products = step_products(train, step, cfg.rollout.products_per_step, cfg.seed)[rank() * per_rank:][:per_rank]
+        seed = rollout_seed(cfg.seed, step, rank())
+        buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500)
+        try:
+            games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
+                             on_round=abandon_if_stopping)
+            abandoned = False
+        except Abandon:
+            abandoned = True
+        if any_rank(abandoned, device):  # the weights are still those after `step` steps: save that state
+            save_checkpoint(cfg, model, optimizer, scheduler, step, bad_updates)
+            break
+        t_rollout = time.perf_counter() - t0
+
+        # 2. rewards -> advantages, per group of G episodes of one product
+        rewards = torch.tensor([g.outcome.reward for g in games])                          # [n_local]
+        adv = group_advantages(rewards, G, t.adv_scale)                                    # [n_local]
+        convs = [g.state["buyer"] for g in games]  # token ids + buyer mask + engine log-probs, as generated
+
+        # 3. the current ("old") policy's log-probs of the buyer tokens, then the optimiser updates
+        t1 = time.perf_counter()
+        if sleeps:
+            engine.sleep()  # vLLM frees the GPU while the trainer works
+        stats, maxes, grad_norms, skipped = {}, {}, [], 0
+        old, ref = score_rollouts(model, convs, cfg, pad_id, device, stats, maxes)
+        n = len(convs)
+        for k in range(t.updates_per_batch):  # consecutive parts; all use the same old log-probs
+            rows = list(range(k * n // t.updates_per_batch, (k + 1) * n // t.updates_per_batch))
+            grad_norm, skip = update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg, pad_id,
+                                     device, stats, maxes)
+            grad_norms.append(grad_norm)
+            skipped += skip
+            bad_updates = bad_updates + 1 if skip else 0
+            if bad_updates >= t.max_bad_steps:
+                raise SystemExit(f"train.py: stopping at step {step + 1}: {bad_updates} updates in a row had a NaN/inf "
+                                 f"loss or gradient (grad norm {grad_norm}); the weights are still those of the last "
+                                 f"good update and nothing was saved from this state. Lower train.lr or "
+                                 f"train.grad_clip, or read the episodes in transcripts.jsonl.")
+        times = {"rollout": t_rollout, "train": time.perf_counter() - t1}
+
+        # 4. the engine gets the new weights (HF: it shares them; vLLM: wake up, load, check with a probe)
+        t2 = time.perf_counter()
+        if cfg.engine.kind == "vllm":
+            import vllm_engine
+            if sleeps:
+                engine.wake_up()
+            engine.sync(model)
+            times["probe_gap"] = vllm_engine.check_freshness(
+                engine, probe, lambda ids: vllm_engine.token_logprobs(model, ids))
+        times["sync"] = time.perf_counter() - t2
+        times["step"] = time.perf_counter() - t0
+
+        # 5. metrics over all ranks, logs, checkpoint
+        add(stats, sequence_tokens=sum(len(c.ids) for c in convs),
+            generated_tokens=sum(sum(g.state[r].mask) for g in games for r in ("buyer", "seller")
+                                 if isinstance(g.state.get(r), env.Conversation)))
+        stats, maxes = reduce_stats(stats, maxes, device)
+        episodes = [e for part in gather_objects([episode_stats(g.outcome) for g in games]) for e in part]
+        metrics = step_metrics(step + 1, episodes, stats, maxes, grad_norms, skipped, times, scheduler, device, cfg)
+        transcripts = [{"step": step + 1, "group": k, "advantage": adv[k * G].item()} | games[k * G].outcome.to_dict()
+                       for k in range(min(cfg.log.transcripts_per_step, per_rank))]
+        logs.log(metrics, transcripts)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", deal=f"{metrics['deal_rate']:.2f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        stopping = any_rank(STOP["signal"] is not None, device)
+        if stopping or step + 1 == t.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(cfg, model, optimizer, scheduler, step + 1, bad_updates)
+        if stopping:
+            break
+    bar.close()
+
+    if STOP["signal"] is not None:
+        print0(f"stopped by signal {STOP['signal']}; checkpoint saved in {cfg.out_dir}; rerun the same command to resume")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(128 + STOP["signal"])
+    if cfg.eval.episodes_per_product > 0:
+        metrics["final_eval"] = final_evaluation(cfg, engine, test, endpoint, before)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
