@@ -9,8 +9,10 @@ Deliberate choices:
 - A hand-written sampling loop over the model's forward with a KV cache instead of `model.generate`: it returns
   the log-prob of each sampled id under exactly the distribution it was sampled from (logits / temperature, no
   top-k/top-p), runs the prompt once, and drops finished rows from the batch and the cache so that a long
-  answer does not keep the short ones' compute alive. Measured in bench/ against `model.generate`.
+  answer does not keep the short ones' compute alive. Measured on CPU (random Qwen3, 16 prompts x 128 new
+  tokens, some rows stopping early): 1.2-2x the tokens/s of `model.generate` at 3M and 55M parameters.
 - Prompts are sorted by length before batching (less left padding) and results are returned in input order.
+  Identical prompts in a batch (the G episodes of a group all open with the same prompt) are prefilled once.
 - Log-probs are computed in float32 whatever the model dtype, so they compare with the trainer's.
 - adapter=False runs the same weights under `disable_adapter()`: one copy of the base serves buyer and seller.
 """
@@ -128,11 +130,16 @@ class HFEngine:
     def generate_batch(self, prompts, temperature, max_tokens, generator, device) -> list[Generation]:
         from transformers import DynamicCache
 
-        ids, mask = (t.to(device) for t in left_pad(prompts, self.pad_id))
+        unique, copy_of = dedupe(prompts)
+        ids, mask = (t.to(device) for t in left_pad(unique, self.pad_id))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
+        if len(unique) < len(prompts):  # identical prompts (a GRPO group's opening turn) share one prefill
+            rows_of = torch.tensor(copy_of, device=device)
+            cache.batch_select_indices(rows_of)
+            logits, mask, positions = logits[rows_of], mask[rows_of], positions[rows_of]
         stop = torch.tensor(self.stop_ids, device=device)
         rows = torch.arange(len(prompts), device=device)  # which original rows are still generating
         next_pos = positions[:, -1] + 1
@@ -160,6 +167,13 @@ class HFEngine:
         return [Generation(token_ids=out_ids[r], logprobs=out_logp[r], finished=finished[r],
                            text=self.tokenizer.decode(out_ids[r], skip_special_tokens=True))
                 for r in range(len(prompts))]
+
+
+def dedupe(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """(distinct prompts in first-seen order, index into them for every prompt)."""
+    index: dict[tuple, int] = {}
+    copy_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], copy_of
 
 
 def check_generate_args(prompts, temperature, max_tokens) -> None:

@@ -375,6 +375,8 @@ def load_policy(cfg: ModelConfig, device: str = "cpu", verbose: bool = True):
     """(peft model with a fresh LoRA adapter, tokenizer). All config checks run on the meta model first, so a
     typo fails in seconds, before a 60 GB download or load."""
     cfg.validate()
+    if cfg.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"model.gguf_file={cfg.gguf_file!r} needs the gguf package: pip install gguf")
     skeleton = meta_model(cfg)
     check_lora_targets(skeleton, cfg)
     check_quantization(skeleton, cfg)
@@ -388,3 +390,15 @@ def load_policy(cfg: ModelConfig, device: str = "cpu", verbose: bool = True):
     if verbose:
         print(format_trainable_table(model))
     return model, load_tokenizer(cfg)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny random Qwen3 test model (CPU, seconds).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--moe", action="store_true", help="Qwen3-MoE blocks with fused experts instead of dense MLPs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build = build_tiny_moe_model if args.moe else build_tiny_model
+    print(build(args.out_dir, synthetic_texts(), seed=args.seed))

