@@ -2,6 +2,7 @@
 stdlib HTTP server on 127.0.0.1."""
 import json
 import threading
+from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -37,7 +38,7 @@ def recompute_logprobs(m, prompt, gen: Generation, temperature: float, adapter: 
     """log-probs of the generated ids from one unpadded, uncached forward pass of prompt + generation."""
     ids = torch.tensor([prompt + gen.token_ids])
     m.eval()
-    with torch.no_grad(), (m.disable_adapter() if not adapter else torch.enable_grad()):
+    with torch.no_grad(), (m.disable_adapter() if not adapter else nullcontext()):
         logits = m(ids).logits[0, len(prompt) - 1:-1].float()
     logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
     return logp.gather(1, torch.tensor(gen.token_ids)[:, None]).squeeze(1)

