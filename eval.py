@@ -237,13 +237,15 @@ def summarize_with_ci(records: list[dict]) -> dict:
 def metrics_table(records: list[dict]) -> dict:
     """{"rows": [one row per buyer x seller x persona, in first-seen order]}. A row has the labels, episodes
     (played without error), errors, and the metrics overall ("all"), for MI and CI scenarios, and per category,
-    each a reward.summarize dict plus reward_ci95 and products."""
+    each a reward.summarize dict (over the episodes in (product, episode) order) plus reward_ci95 and products."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["buyer"], r["seller"], r["persona"])].append(r)
     rows = []
     for (buyer, seller, persona), rs in groups.items():
-        ok = [r for r in rs if r.get("error") is None]
+        # One summation order (product, episode), whatever order the episodes finished or were resumed in, so
+        # the same games always give the same numbers to the last bit.
+        ok = sorted((r for r in rs if r.get("error") is None), key=lambda r: (r["product"], r["episode"]))
         by_category = defaultdict(list)
         for r in ok:
             by_category[r["scenario"]["category"]].append(r)
@@ -257,50 +259,64 @@ def metrics_table(records: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command line: checks before any episode, players, the run, the files
+# The command line: every check before any episode, then players, the run, the files
+
+# Settings a training run fixes. Unless given on the command line they come from the config.yaml that train.py
+# saves in each checkpoint, so a checkpoint is played with the prompts and limits it was trained with, on the
+# held-out split it never saw. flag -> (train.py config key, value without a checkpoint config)
+RUN_SETTINGS = {
+    "style": ("rollout.style", "full"),
+    "description_chars": ("rollout.description_chars", 400),
+    "max_context": ("rollout.max_context", 8192),
+    "buyer_max_tokens": ("rollout.buyer_max_tokens", 256),
+    "seller_max_tokens": ("seller.max_tokens", 256),
+    "data": ("data.path", ""),
+    "budget_factor": ("data.budget_factor", 0.8),
+    "test_size": ("data.test_size", 128),
+    "split_seed": ("data.split_seed", 0),
+    "dtype": ("model.dtype", "auto"),
+    "quantization": ("model.quantization", "none"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt", action="append", default=[],
-                   help="buyer: a checkpoint folder (LoRA adapter), 'base' (base model, no adapter) or 'scripted' "
-                        "(OG-Narrator-style offers); repeat for a comparison table")
-    p.add_argument("--buyer-url", help="buyer: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
-    p.add_argument("--buyer-model", help="the model name the buyer endpoint serves")
-    p.add_argument("--buyer-api-key-env", default="OPENAI_API_KEY", help="env var holding the buyer endpoint's key")
-    p.add_argument("--seller", default="base",
-                   help="base (frozen base model) | scripted[:boulware|linear|conceder|hardliner] | an endpoint URL")
-    p.add_argument("--seller-model", help="the model name the seller endpoint serves (with --seller URL)")
-    p.add_argument("--seller-api-key-env", default="OPENAI_API_KEY", help="env var holding the seller endpoint's key")
-    p.add_argument("--personas", default=None, help="seller personas: neutral (default) | all | a,b,... (personas/)")
-    p.add_argument("--episodes", type=int, default=4, help="episodes per product")
-    p.add_argument("--products", type=int, default=None,
-                   help="use N of the held-out products (evenly spread over the split); default all")
-    p.add_argument("--test-size", type=int, default=128, help="held-out products in data.split_scenarios")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of data.split_scenarios (training's split)")
-    p.add_argument("--max-rounds", type=int, default=6)
-    p.add_argument("--buyer-temp", type=float, default=1.0)
-    p.add_argument("--seller-temp", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per reply for LLM players")
-    p.add_argument("--style", default="full", choices=["full", "compact"], help="prompt style (compact: tiny models)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed + machine + engine = same games")
-    p.add_argument("--batch-size", type=int, default=64, help="episodes played in lockstep (one generation batch)")
-    p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--base-model", help="HF id or folder of the base model (default: the adapter's base)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16")
-    p.add_argument("--quantization", default="none", choices=["none", "4bit"], help="load the base in 4 bit (QLoRA)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--data", help="AmazonHistoryPrice folder or JSONL catalogue (default: $NEGO_DATA / cache)")
-    p.add_argument("--out", default="out/eval", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue the evaluation in --out")
-    p.add_argument("--run", help="training run folder (metrics.jsonl) whose curves go into the report")
-    p.add_argument("--no-progress", action="store_true")
+    a = p.add_argument
+    a("--ckpt", action="append", default=[], help="buyer: a checkpoint folder (LoRA adapter), 'base' (the base model, "
+      "no adapter) or 'scripted' (OG-Narrator-style offers); repeat for a comparison table")
+    a("--buyer-url", help="buyer: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    a("--buyer-model", help="the model name the buyer endpoint serves")
+    a("--buyer-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the buyer endpoint's key")
+    a("--seller", default="base",
+      help="base (the frozen base model) | scripted[:boulware|linear|conceder|hardliner] | an endpoint URL")
+    a("--seller-model", help="the model name the seller endpoint serves (with --seller URL)")
+    a("--seller-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the seller endpoint's key")
+    a("--personas", help="seller personas: neutral (default) | all | a,b,... (files in personas/)")
+    a("--episodes", type=int, default=4, help="episodes per product (default 4)")
+    a("--products", type=int, help="play N of the held-out products, spread evenly over the split (default: all)")
+    a("--max-rounds", type=int, default=6, help="(default 6)")
+    a("--buyer-temp", type=float, default=1.0, help="(default 1.0)")
+    a("--seller-temp", type=float, default=0.7, help="(default 0.7)")
+    a("--seed", type=int, default=0, help="sampling seed: the same seed, machine and engine give the same games")
+    a("--batch-size", type=int, default=64, help="episodes played in lockstep, one generation batch (default 64)")
+    a("--engine", default="hf", choices=["hf", "vllm"])
+    a("--gpu-memory-utilization", type=float, default=0.85, help="vllm: share of GPU memory it may take")
+    a("--base-model", help="HF id or folder of the base model (default: the adapter's base)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--out", default="out/eval", help="output folder (default out/eval)")
+    a("--resume", action="store_true", help="continue the evaluation in --out")
+    a("--run", help="a training run folder: its metrics.jsonl curves go into the report")
+    a("--no-progress", action="store_true")
+    g = p.add_argument_group("taken from the checkpoint's config.yaml when not given (else the default shown)")
+    for flag, (key, default) in RUN_SETTINGS.items():
+        kind = type(default) if default != "" else str
+        g.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{key} (default {default!r})")
     args = p.parse_args(argv)
-    for name in ("episodes", "max_rounds", "max_tokens", "batch_size", "test_size"):
+    for name in ("episodes", "max_rounds", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.products is not None and not 1 <= args.products <= args.test_size:
-        p.error(f"--products must be between 1 and --test-size={args.test_size}, got {args.products}")
+    if args.products is not None and args.products < 1:
+        p.error(f"--products must be >= 1, got {args.products}")
     if args.buyer_temp < 0 or args.seller_temp < 0:
         p.error("temperatures must be >= 0 (0 = greedy)")
     if not args.ckpt and not args.buyer_url:
@@ -310,40 +326,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_personas(spec: str | None, seller_kind: str) -> list[str]:
-    """Persona names, each checked against personas/. A scripted seller has no persona."""
-    if seller_kind == "scripted":
+def seller_kind(spec: str) -> str:
+    if spec == "base":
+        return "base"
+    if spec == "scripted" or spec.startswith("scripted:"):
+        strategy = spec.partition(":")[2] or "boulware"
+        if strategy not in env.ScriptedSeller.STRATEGIES:
+            raise ValueError(f"--seller {spec}: unknown strategy {strategy!r}; use one of "
+                             f"{', '.join(env.ScriptedSeller.STRATEGIES)}")
+        return "scripted"
+    if spec.startswith(("http://", "https://")):
+        return "endpoint"
+    raise ValueError(f"--seller {spec!r}: use base, scripted[:{'|'.join(env.ScriptedSeller.STRATEGIES)}] or an "
+                     f"http(s):// endpoint URL")
+
+
+def seller_name(args) -> str:
+    kind = seller_kind(args.seller)
+    if kind == "scripted":
+        return "scripted:" + (args.seller.partition(":")[2] or "boulware")
+    return f"{args.seller_model} @ {args.seller}" if kind == "endpoint" else "base"
+
+
+def resolve_personas(spec: str | None, kind: str) -> list[str]:
+    """Persona names, each checked against personas/. A scripted seller has none ("none")."""
+    if kind == "scripted":
         if spec not in (None, "none"):
-            raise ValueError(f"--personas {spec}: the scripted seller ignores personas; use --seller base or an "
+            raise ValueError(f"--personas {spec}: the scripted seller has no persona; use --seller base or an "
                              f"endpoint, or drop --personas")
         return ["none"]
     names = env.list_personas() if spec == "all" else [x.strip() for x in (spec or "neutral").split(",") if x.strip()]
-    for name in names:
-        env.load_persona(name)  # raises with the available names
     if not names:
         raise ValueError(f"--personas {spec!r} names no persona; available: {', '.join(env.list_personas())}")
+    for name in names:
+        try:
+            env.load_persona(name)
+        except ValueError as e:
+            raise ValueError(f"--personas: {e}") from None
     return names
 
 
-def find_adapter(path: str) -> Path:
-    """The folder holding adapter_config.json: the checkpoint itself or its adapter/ subfolder."""
-    p = Path(path).expanduser()
+def find_adapter(spec: str) -> Path:
+    """The folder holding adapter_config.json: the checkpoint itself or its adapter/ subfolder (train.py's)."""
+    p = Path(spec).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"--ckpt {path}: no such folder; pass a checkpoint folder written by train.py, "
-                                f"'base' or 'scripted'")
+        raise FileNotFoundError(f"--ckpt {spec}: no such folder; pass a checkpoint folder written by train.py "
+                                f"(runs/NAME/step_NNNNNN), 'base' or 'scripted'")
     for candidate in (p, p / "adapter"):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"--ckpt {path}: no adapter_config.json there or in {p / 'adapter'}; pass a checkpoint "
+    raise FileNotFoundError(f"--ckpt {spec}: no adapter_config.json there or in {p / 'adapter'}; pass a checkpoint "
                             f"folder written by train.py (a peft LoRA adapter)")
 
 
-def adapter_base(adapter: Path) -> str | None:
-    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+def checkpoint_config(adapter: Path) -> dict:
+    """{flag: value} of RUN_SETTINGS from the config.yaml beside the adapter; {} when there is none."""
+    path = (adapter.parent if adapter.name == "adapter" else adapter) / "config.yaml"
+    if not path.exists():
+        return {}
+    import config
+    cfg = config.load_config(str(path))
+    settings = {"base_model": cfg.model.name}
+    for flag, (key, _) in RUN_SETTINGS.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        settings[flag] = value
+    return settings
 
 
 def same_model(a: str, b: str) -> bool:
-    """Same HF id, or two paths to the same folder."""
+    """The same HF id, or two paths to the same folder."""
     if a.rstrip("/") == b.rstrip("/"):
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
@@ -357,55 +410,76 @@ def adapter_sha256(adapter: Path) -> str:
     return h.hexdigest()
 
 
-def plan_buyers(args) -> tuple[list[dict], str | None]:
-    """One dict per buyer (name, kind, path, adapter hash) and the base model, after every check on disk."""
-    buyers, bases = [], []
+def plan_buyers(args) -> list[dict]:
+    """One dict per buyer: name, kind (scripted | base | adapter | endpoint), and for adapters the path, hash,
+    base model and training config. Checks on disk only: nothing is loaded."""
+    buyers = []
     for spec in args.ckpt:
         if spec in ("base", "scripted"):
             buyers.append({"name": spec, "kind": spec})
             continue
         adapter = find_adapter(spec)
-        base = adapter_base(adapter)
-        if base is None and not args.base_model:
-            raise ValueError(f"--ckpt {spec}: adapter_config.json has no base_model_name_or_path; pass --base-model")
-        if base is not None and args.base_model and not same_model(base, args.base_model):
-            raise ValueError(f"--ckpt {spec} was trained on {base!r} but --base-model is {args.base_model!r}: "
-                             f"evaluate it on its own base model (drop --base-model or set it to {base!r})")
-        bases.append((spec, base or args.base_model))
-        name = "/".join(Path(spec).resolve().parts[-2:])
-        buyers.append({"name": name, "kind": "adapter", "path": str(adapter), "base_model": base or args.base_model,
-                       "adapter_sha256": adapter_sha256(adapter)})
-    for (spec_a, a), (spec_b, b) in zip(bases, bases[1:]):
-        if not same_model(a, b):
-            raise ValueError(f"--ckpt {spec_a} (base {a!r}) and --ckpt {spec_b} (base {b!r}) have different base "
-                             f"models; evaluate them in separate calls")
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base and not args.base_model:
+            raise ValueError(f"--ckpt {spec}: adapter_config.json names no base_model_name_or_path; pass --base-model")
+        if base and args.base_model and not same_model(base, args.base_model):
+            raise ValueError(f"--ckpt {spec} was trained on {base!r} but --base-model is {args.base_model!r}: an "
+                             f"adapter only means something on its own base model; drop --base-model or set it to "
+                             f"{base!r}")
+        folder = adapter.parent if adapter.name == "adapter" else adapter
+        buyers.append({"name": "/".join(folder.resolve().parts[-2:]), "kind": "adapter", "path": str(adapter),
+                       "base_model": base or args.base_model, "adapter_sha256": adapter_sha256(adapter),
+                       "config": checkpoint_config(adapter)})
     if args.buyer_url:
         buyers.append({"name": f"{args.buyer_model} @ {args.buyer_url}", "kind": "endpoint", "url": args.buyer_url,
                        "model": args.buyer_model})
     names = [b["name"] for b in buyers]
     if len(set(names)) != len(names):
         raise ValueError(f"buyers must be distinct, got {names}")
-    base_model = args.base_model or (bases[0][1] if bases else None)
-    needs_base = any(b["kind"] in ("base", "adapter") for b in buyers) or args.seller == "base"
-    if needs_base and not base_model:
-        raise ValueError("the base model is needed (for --ckpt base or --seller base): pass --base-model NAME")
-    return buyers, (base_model if needs_base else None)
+    return buyers
 
 
-def seller_kind(spec: str) -> str:
-    if spec == "base":
-        return "base"
-    if spec == "scripted" or spec.startswith("scripted:"):
-        return "scripted"
-    if spec.startswith(("http://", "https://")):
-        return "endpoint"
-    raise ValueError(f"--seller {spec!r}: use base, scripted[:{'|'.join(env.ScriptedSeller.STRATEGIES)}] or an "
-                     f"http(s):// endpoint URL")
+def resolve_base_model(args, buyers: list[dict]) -> str | None:
+    """The one base model every model player shares (None when no player needs one)."""
+    adapters = [b for b in buyers if b["kind"] == "adapter"]
+    for a, b in zip(adapters, adapters[1:]):
+        if not same_model(a["base_model"], b["base_model"]):
+            raise ValueError(f"checkpoints {a['path']} (base {a['base_model']!r}) and {b['path']} (base "
+                             f"{b['base_model']!r}) have different base models; evaluate them in separate calls")
+    needed = adapters or any(b["kind"] == "base" for b in buyers) or seller_kind(args.seller) == "base"
+    if not needed:
+        return None
+    base = args.base_model or (adapters[0]["base_model"] if adapters else None)
+    if not base:
+        raise ValueError("--ckpt base and --seller base need the base model: pass --base-model NAME (HF id or folder)")
+    return base
+
+
+def resolve_settings(args, buyers: list[dict]) -> dict:
+    """Fill every RUN_SETTINGS flag not given: from the checkpoints' config.yaml (they must agree), else the
+    default. Returns {flag: where its value came from}."""
+    sources = {}
+    configs = [(b["path"], b["config"]) for b in buyers if b.get("config")]
+    for flag, (key, default) in RUN_SETTINGS.items():
+        if getattr(args, flag) is not None:
+            sources[flag] = "command line"
+            continue
+        values = {path: c[flag] for path, c in configs}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            raise ValueError(f"the checkpoints were trained with different {key}: {values}; pass "
+                             f"--{flag.replace('_', '-')} to choose one, or evaluate them separately")
+        setattr(args, flag, next(iter(values.values())) if values else default)
+        sources[flag] = "checkpoint config.yaml" if values else "default"
+    if args.style not in ("full", "compact", "ladder"):
+        raise ValueError(f"--style {args.style!r}: use full, compact or ladder")
+    if args.quantization not in ("none", "4bit"):
+        raise ValueError(f"--quantization {args.quantization!r}: use none or 4bit")
+    return sources
 
 
 def check_endpoints(args) -> dict:
-    """Build and ping every endpoint before any episode: one clear error when one is down."""
-    from engine import ChatEndpoint
+    """Build and ping every endpoint before any episode: one clear error when one is down or lacks the model."""
+    from engine import ChatEndpoint, EndpointError
     endpoints = {}
     if args.buyer_url:
         endpoints["buyer"] = ChatEndpoint(args.buyer_url, args.buyer_model, api_key_env=args.buyer_api_key_env)
@@ -413,9 +487,21 @@ def check_endpoints(args) -> dict:
         if not args.seller_model:
             raise ValueError("--seller URL needs --seller-model NAME (the model the server serves)")
         endpoints["seller"] = ChatEndpoint(args.seller, args.seller_model, api_key_env=args.seller_api_key_env)
-    for ep in endpoints.values():
-        ep.check()
+    for role, ep in endpoints.items():
+        try:
+            ep.check()
+        except EndpointError as e:
+            raise EndpointError(f"--{role}{'-url' if role == 'buyer' else ''}: {e}") from None
     return {role: TolerantEndpoint(ep) for role, ep in endpoints.items()}
+
+
+def held_out_products(args) -> list[data.Scenario]:
+    scenarios = data.load_scenarios(args.data or None, budget_factor=args.budget_factor)
+    _, test = data.split_scenarios(scenarios, seed=args.split_seed, test_size=args.test_size)
+    if args.products is not None and args.products > len(test):
+        raise ValueError(f"--products {args.products} is more than the {len(test)} held-out products "
+                         f"(--test-size {args.test_size})")
+    return pick_products(test, args.products)
 
 
 def pick_products(test: list[data.Scenario], n: int | None) -> list[data.Scenario]:
@@ -425,6 +511,9 @@ def pick_products(test: list[data.Scenario], n: int | None) -> list[data.Scenari
     return [test[i * len(test) // n] for i in range(n)]
 
 
+# ---- model players --------------------------------------------------------------------------------------------
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -432,60 +521,71 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_hf_engine(base_model: str, adapters: dict[str, str], args):
-    """The base model once, every adapter loaded into it under its buyer name; the seller runs with adapters off."""
+def load_engine(args, base_model: str, buyers: list[dict]):
+    """The base model once; every adapter under its buyer's name. The seller runs with adapters off."""
     import model as model_lib
-    from engine import HFEngine
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
     cfg = model_lib.ModelConfig(name=base_model, dtype=dtype, quantization=args.quantization)
+    adapters = [b for b in buyers if b["kind"] == "adapter"]
+    if args.engine == "vllm":
+        from vllm_engine import VLLMEngine
+        ranks = [json.loads((Path(b["path"]) / "adapter_config.json").read_text())["r"] for b in adapters]
+        return VLLMEngine(base_model, model_lib.load_tokenizer(cfg), sync_strategy="adapter", dtype=dtype,
+                          gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_context,
+                          max_lora_rank=max(ranks, default=16), seed=args.seed,
+                          quantization="bitsandbytes" if args.quantization == "4bit" else None)
+    from engine import HFEngine
     m = model_lib.load_base_model(cfg, device)
-    tokenizer = model_lib.load_tokenizer(cfg)
     if adapters:
         from peft import PeftModel
-        (first, path), *rest = adapters.items()
-        m = PeftModel.from_pretrained(m, path, adapter_name=first)
-        for name, p in rest:
-            m.load_adapter(p, adapter_name=name)
-    return HFEngine(m, tokenizer)
+        m = PeftModel.from_pretrained(m, adapters[0]["path"], adapter_name=adapters[0]["name"])
+        for b in adapters[1:]:
+            m.load_adapter(b["path"], adapter_name=b["name"])
+    return HFEngine(m, model_lib.load_tokenizer(cfg))
 
 
-def select_adapter(engine, name: str | None) -> None:
-    """Make `name` the adapter that adapter=True generation uses."""
-    if name is not None:
-        engine.model.set_adapter(name)
+def select_adapter(engine, buyer: dict) -> None:
+    """Make this buyer's adapter the one adapter=True generation uses."""
+    if hasattr(engine, "llm"):  # VLLMEngine: point its policy LoRARequest at the checkpoint's adapter folder
+        from vllm.lora.request import LoRARequest
+        if engine.lora_request is not None:
+            engine.llm.llm_engine.remove_lora(engine.lora_request.lora_int_id)
+        engine.version += 1
+        engine.lora_request = LoRARequest(lora_name=buyer["name"], lora_int_id=engine.version, lora_path=buyer["path"])
+        engine.llm.llm_engine.add_lora(engine.lora_request)
+    else:
+        engine.model.set_adapter(buyer["name"])
 
 
-def make_seller(args, engine, endpoints, persona: str):
-    kind = seller_kind(args.seller)
-    if kind == "scripted":
-        strategy = args.seller.partition(":")[2] or "boulware"
-        return env.ScriptedSeller(strategy)
-    text = env.load_persona(persona)
-    if kind == "endpoint":
-        return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
-                              max_tokens=args.max_tokens, persona=text)
-    return env.LLMPlayer(engine, "seller", temperature=args.seller_temp, max_tokens=args.max_tokens, adapter=False,
-                         persona=text, style=args.style, seed=args.seed)
-
-
-def make_buyer(args, engine, endpoints, buyer: dict):
+def make_buyer(args, engine, endpoints: dict, buyer: dict):
     if buyer["kind"] == "scripted":
         return env.ScriptedBuyer()
     if buyer["kind"] == "endpoint":
-        return env.ChatPlayer(endpoints["buyer"], "buyer", temperature=args.buyer_temp, max_tokens=args.max_tokens)
-    return env.LLMPlayer(engine, "buyer", temperature=args.buyer_temp, max_tokens=args.max_tokens,
-                         adapter=buyer["kind"] == "adapter", style=args.style, seed=args.seed)
+        return env.ChatPlayer(endpoints["buyer"], "buyer", temperature=args.buyer_temp,
+                              max_tokens=args.buyer_max_tokens, description_chars=args.description_chars)
+    if buyer["kind"] == "adapter":
+        select_adapter(engine, buyer)
+    return env.LLMPlayer(engine, "buyer", temperature=args.buyer_temp, max_tokens=args.buyer_max_tokens,
+                         adapter=buyer["kind"] == "adapter", style=args.style,
+                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed)
 
 
-def seller_name(args) -> str:
+def make_seller(args, engine, endpoints: dict, persona: str):
     kind = seller_kind(args.seller)
     if kind == "scripted":
-        return "scripted:" + (args.seller.partition(":")[2] or "boulware")
+        return env.ScriptedSeller(args.seller.partition(":")[2] or "boulware")
+    text = env.load_persona(persona)
     if kind == "endpoint":
-        return f"{args.seller_model} @ {args.seller}"
-    return "base"
+        return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
+                              max_tokens=args.seller_max_tokens, persona=text, description_chars=args.description_chars)
+    return env.LLMPlayer(engine, "seller", temperature=args.seller_temp, max_tokens=args.seller_max_tokens,
+                         adapter=False, persona=text, style=args.style, description_chars=args.description_chars,
+                         max_context=args.max_context, seed=args.seed)
+
+
+# ---- the files ------------------------------------------------------------------------------------------------
 
 
 def versions() -> dict:
@@ -501,30 +601,30 @@ def versions() -> dict:
                                 text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        out["git"] = commit + ("+dirty" if dirty else "") if commit else "unknown"
+        out["git"] = (commit + ("+dirty" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
         out["git"] = "unknown"
     return out
 
 
-# The settings that make two runs comparable: --resume refuses to mix runs that differ in any of them.
-PROTOCOL_KEYS = ("seller", "personas", "episodes", "products", "test_size", "split_seed", "max_rounds",
-                 "buyer_temp", "seller_temp", "max_tokens", "style", "seed", "batch_size", "engine", "base_model",
-                 "data")
+# How the games are played: --resume refuses to mix runs that differ in any of these (it may add buyers or
+# personas: those are new matchups, not new rules).
+PROTOCOL_FLAGS = ("seller", "episodes", "products", "max_rounds", "buyer_temp", "seller_temp", "seed", "batch_size",
+                  "engine", *RUN_SETTINGS)
 
 
-def run_info(args, buyers, base_model, personas, scenarios) -> dict:
-    info = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "buyers": buyers, "seller_name": seller_name(args), "persona_names": personas,
-            "n_products": len(scenarios), "mi_products": sum(s.mi for s in scenarios),
-            "data": str(data.resolve_data_path(args.data)), "versions": versions()}
-    protocol = {k: getattr(args, k) for k in PROTOCOL_KEYS if k not in ("base_model", "data")}
-    protocol |= {"base_model": base_model, "data": info["data"], "personas": personas}
-    return info | {"protocol": protocol}
+def run_info(args, buyers, base_model, personas, scenarios, sources) -> dict:
+    protocol = {k: getattr(args, k) for k in PROTOCOL_FLAGS} | {"base_model": base_model}
+    protocol["data"] = str(data.resolve_data_path(args.data or None))
+    return {"command": " ".join(["eval.py"] + sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "buyers": [{k: v for k, v in b.items() if k != "config"} for b in buyers],
+            "seller_name": seller_name(args), "persona_names": personas, "n_products": len(scenarios),
+            "mi_products": sum(s.mi for s in scenarios), "settings_from": sources, "protocol": protocol,
+            "versions": versions()}
 
 
 def prepare_out(out: Path, info: dict, resume: bool) -> None:
-    """A fresh folder, or --resume of a run with the same protocol."""
+    """A fresh folder, or --resume of an evaluation with the same protocol."""
     episodes, saved = out / "episodes.jsonl", out / "run.json"
     if not resume and episodes.exists() and episodes.stat().st_size:
         raise FileExistsError(f"{episodes} already has episodes: pass --resume to continue that evaluation, or "
@@ -533,14 +633,14 @@ def prepare_out(out: Path, info: dict, resume: bool) -> None:
         before = json.loads(saved.read_text())["protocol"]
         diff = {k: (before.get(k), v) for k, v in info["protocol"].items() if before.get(k) != v}
         if diff:
-            raise ValueError(f"--resume: {out} was run with other settings; differences (then, now): {diff}. "
-                             f"Use the same flags or another --out")
+            raise ValueError(f"--resume: {out} was evaluated with other settings (then, now): {diff}; use the same "
+                             f"flags, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def read_training_log(run_dir) -> list[dict]:
-    """The per-step lines of a training run's metrics.jsonl (the curves of the report)."""
+    """The per-step lines of a training run's metrics.jsonl, for the report's curves."""
     if run_dir is None:
         return []
     path = Path(run_dir) / "metrics.jsonl"
@@ -560,43 +660,35 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     out = Path(args.out)
-    try:  # every check before any model is loaded or episode played: one clear message, no traceback
+    try:  # every check before a model loads or an episode is played: one clear message, no traceback
         personas = resolve_personas(args.personas, seller_kind(args.seller))
-        buyers, base_model = plan_buyers(args)
+        buyers = plan_buyers(args)
+        sources = resolve_settings(args, buyers)
+        base_model = resolve_base_model(args, buyers)
         training = read_training_log(args.run)
-        _, test = data.split_scenarios(data.load_scenarios(args.data), seed=args.split_seed, test_size=args.test_size)
-        scenarios = pick_products(test, args.products)
-        info = run_info(args, buyers, base_model, personas, scenarios)
+        scenarios = held_out_products(args)
+        info = run_info(args, buyers, base_model, personas, scenarios, sources)
         endpoints = check_endpoints(args)
         prepare_out(out, info, args.resume)
     except (ValueError, FileNotFoundError, FileExistsError, EndpointError) as e:
         raise SystemExit(f"eval.py: {e}") from None
 
-    engine = None
-    if base_model is not None:
-        adapters = {b["name"]: b["path"] for b in buyers if b["kind"] == "adapter"}
-        if args.engine == "vllm":
-            engine = load_vllm_engine(base_model, adapters, args)
-        else:
-            engine = load_hf_engine(base_model, adapters, args)
-
+    engine = load_engine(args, base_model, buyers) if base_model else None
     t0 = time.time()
     for b in buyers:
-        if b["kind"] == "adapter":
-            select_adapter(engine, b["name"])
         buyer = make_buyer(args, engine, endpoints, b)
         for persona in personas:
-            seller = make_seller(args, engine, endpoints, persona)
-            evaluate(buyer, seller, scenarios, episodes_per_product=args.episodes, max_rounds=args.max_rounds,
-                     batch_size=args.batch_size, buyer_name=b["name"], seller_name=info["seller_name"],
-                     persona=persona, seed=args.seed, out_path=out / "episodes.jsonl", resume=args.resume,
-                     progress=not args.no_progress)
-            args.resume = True  # later matchups append to the same file: never replay what is there
+            evaluate(buyer, make_seller(args, engine, endpoints, persona), scenarios, episodes_per_product=args.episodes,
+                     max_rounds=args.max_rounds, batch_size=args.batch_size, buyer_name=b["name"],
+                     seller_name=info["seller_name"], persona=persona, seed=args.seed,
+                     out_path=out / "episodes.jsonl", resume=True, progress=not args.no_progress)
+            # resume=True: a fresh run starts from an empty file (prepare_out checked), so it only skips what
+            # this run has already played
     info["seconds"] = round(time.time() - t0, 1)
     info["endpoint_failures"] = {role: ep.failures for role, ep in endpoints.items()}
 
-    names = {(b["name"], info["seller_name"], p) for b in buyers for p in personas}
-    records = [r for r in read_records(out / "episodes.jsonl") if (r["buyer"], r["seller"], r["persona"]) in names]
+    wanted = {(b["name"], info["seller_name"], p) for b in buyers for p in personas}
+    records = [r for r in read_records(out / "episodes.jsonl") if (r["buyer"], r["seller"], r["persona"]) in wanted]
     metrics = {"run": info} | metrics_table(records)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     import report
@@ -604,10 +696,6 @@ def main(argv=None) -> dict:
     print(report.summary_text(metrics))
     print(f"wrote {out}/metrics.json, episodes.jsonl, report.md, report.html")
     return metrics
-
-
-def load_vllm_engine(base_model: str, adapters: dict[str, str], args):
-    raise NotImplementedError("--engine vllm: waiting for vllm_engine.py")
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def plot_personas(metrics: dict) -> str:
     cell = {(r["buyer"], r["persona"]): r["all"] for r in rows}
     panels = [("reward", "reward"), ("deal rate", "deal_rate"), ("bargained ratio", "bargained_ratio"),
               ("CI walk-away", "ci_walkaway_rate")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(13, 3 + 0.35 * len(personas) * len(buyers) * len(panels)), 3))
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(13, max(8, 2 + 0.3 * len(personas) * len(buyers) * len(panels))), 3))
     width = 0.8 / len(buyers)
     for ax, (title, key) in zip(axes, panels):
         for j, b in enumerate(buyers):
