@@ -1,0 +1,310 @@
+"""Per-GPU memory of GRPO on Qwen3-30B-A3B-Instruct-2507 with colocated vLLM, and the sharding that makes it fit.
+
+    python memory_plan.py                                   # the real 30B architecture, 8 x H100 80 GB
+    python memory_plan.py config.yaml                       # LoRA settings from the file's `model:` section
+    python memory_plan.py --micro-batch-tokens 8192 --kv-cache-gib 20 --vllm-tp 4 --gpus 8
+
+It builds the architecture on the meta device (no weights, no download: the public config values are below),
+applies the LoRA targets with peft, counts parameters per kind and prints, for each candidate plan, the bytes per
+GPU of base weights, LoRA weights, gradients, optimiser state, FSDP gather buffers, activations (an estimate,
+stated as such), vLLM weights and KV cache, during generation and during training.
+
+Why the chosen plan (fsdp2-bf16):
+transformers 5 stores Qwen3-MoE experts as fused 3-D parameters, which bitsandbytes does not quantise: "QLoRA"
+on this model quantises only attention (0.9 B of 30.5 B parameters) and leaves 58 GB of bf16 experts on every GPU.
+Next to a vLLM copy of the weights that cannot fit in 80 GB. Instead the trainer keeps the base in bf16 and shards
+it over the 8 GPUs with FSDP2 (7.1 GiB each; one decoder layer is gathered at a time), LoRA in fp32 and AdamW
+sharded likewise. vLLM holds its own bf16 copy with tensor parallelism 2 (28.4 GiB per GPU; 4 engines),
+serves the buyer through the LoRA adapter and the seller from the same base, and sleeps (level 1) while the
+trainer runs. Trainer and engine then hold the same bf16 base, so the engine-trainer log-prob gap is bf16 noise,
+not quantisation error. Quantising the experts ourselves (NF4, ~15 GiB) would also fit, but needs an MoE kernel of
+our own and puts a quantisation gap between trainer and engine; FSDP2 is stock PyTorch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 2**30
+
+# Public config.json of Qwen/Qwen3-30B-A3B-Instruct-2507 (checked against the model card: 30.5 B parameters,
+# 48 layers, 32 query / 4 key-value heads, 128 experts with 8 active, 262,144-token native context).
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=262144,
+    rope_theta=10_000_000, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+    hidden_act="silu", attention_bias=False,
+)
+QWEN3_30B_A3B_NAME = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+
+
+@dataclass
+class Hardware:
+    gpus: int = 8  # GPUs in the node (one training rank each)
+    gpu_gib: float = 79.6  # usable memory of one H100 80 GB as CUDA reports it
+    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation: never available to tensors
+
+
+@dataclass
+class Workload:
+    micro_batch_tokens: int = 4096  # tokens in one trainer forward/backward (sequences packed by token budget)
+    kv_cache_gib: float = 16.0  # vLLM KV cache per GPU (gpu_memory_utilization is set to reach it)
+    gradient_checkpointing: bool = True  # keep one hidden state per layer, recompute the rest in backward
+
+
+@dataclass
+class Plan:
+    name: str
+    trainer: str  # "ddp": every GPU holds the whole trainer model; "fsdp2": base, LoRA and AdamW sharded over GPUs
+    base_format: str  # "bf16" | "bnb4" (bitsandbytes: nn.Linear only) | "nf4_experts" (bnb4 + experts quantised by us)
+    vllm_tp: int  # tensor-parallel size of each vLLM engine (gpus / vllm_tp engines)
+    sleep: bool = True  # vLLM sleep level 1 during training: KV cache freed, weights moved to host memory
+    note: str = ""
+
+
+CANDIDATES = [
+    Plan("qlora-ddp", "ddp", "bnb4", 2, note="bitsandbytes 4-bit as configured: experts stay bf16"),
+    Plan("nf4-experts-ddp", "ddp", "nf4_experts", 2, note="experts quantised by us to NF4 (needs our own MoE kernel)"),
+    Plan("fsdp2-bf16-tp1", "fsdp2", "bf16", 1, note="one whole bf16 vLLM copy per GPU"),
+    Plan("fsdp2-bf16", "fsdp2", "bf16", 2, note="chosen"),
+]
+CHOSEN = "fsdp2-bf16"
+
+
+# ---- the architecture on the meta device ----------------------------------------------------------------------
+
+def load_model_config(path: str | None):
+    """model.ModelConfig from a YAML file's `model:` section (the rest of the file is train.py's), or the
+    production defaults for Qwen3-30B-A3B-Instruct-2507."""
+    from model import ModelConfig
+
+    if path is None:
+        return ModelConfig(name=QWEN3_30B_A3B_NAME, lora_r=16, lora_alpha=32)
+    import yaml
+
+    with open(path) as f:
+        section = (yaml.safe_load(f) or {}).get("model", {})
+    try:
+        return ModelConfig(**section)
+    except TypeError as e:
+        raise ValueError(f"{path}: the model: section has a key ModelConfig does not know ({e}); "
+                         f"valid keys: {sorted(ModelConfig.__dataclass_fields__)}") from None
+
+
+def meta_model(name: str):
+    """The architecture with no storage: from a local folder's config.json, or the hard-coded 30B config (no
+    internet here, and the shapes are all the plan needs)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3MoeConfig
+
+    if os.path.isfile(os.path.join(name, "config.json")):
+        config = AutoConfig.from_pretrained(name)
+    elif name == QWEN3_30B_A3B_NAME:
+        config = Qwen3MoeConfig(**QWEN3_30B_A3B)
+    else:
+        raise ValueError(f"model.name={name!r}: the memory plan knows {QWEN3_30B_A3B_NAME!r} or a local folder with "
+                         f"config.json (nothing is downloaded)")
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_groups(model) -> dict[str, int]:
+    """Parameter counts by what they are, because each kind is stored differently: fused 3-D experts (never
+    touched by bitsandbytes), nn.Linear layers (attention; quantisable), embeddings + lm_head, the rest."""
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    groups = {"experts": 0, "linear": 0, "embeddings": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if p.ndim == 3 and ".experts." in f".{name}":
+            groups["experts"] += p.numel()
+        elif name in embeddings or name.startswith("lm_head."):
+            groups["embeddings"] += p.numel()
+        elif name in linear_weights:
+            groups["linear"] += p.numel()
+        else:
+            groups["other"] += p.numel()
+    return groups
+
+
+def lora_numel(model, cfg) -> int:
+    """Trainable LoRA parameters for cfg's targets, counted by peft itself on the meta model."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules) or None,
+                      target_parameters=list(cfg.lora_target_parameters) or None)
+    peft_model = get_peft_model(model, lora)
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+@dataclass
+class Arch:
+    layers: int
+    hidden: int
+    q_dim: int  # heads * head_dim
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts_per_tok: int
+    moe_intermediate: int
+
+    @classmethod
+    def of(cls, model):
+        c = model.config
+        return cls(c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads,
+                   c.head_dim, c.vocab_size, getattr(c, "num_experts_per_tok", 1),
+                   getattr(c, "moe_intermediate_size", c.intermediate_size))
+
+
+# ---- bytes per GPU ----------------------------------------------------------------------------------------------
+
+# bitsandbytes NF4 with double quantisation: 4 bits + one 8-bit absmax per 64 weights + fp32 scale per 256 absmax.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def base_weight_bytes(groups: dict[str, int], base_format: str) -> float:
+    quantised = {"bf16": 0, "bnb4": groups["linear"], "nf4_experts": groups["linear"] + groups["experts"]}[base_format]
+    return quantised * NF4_BYTES_PER_PARAM + (sum(groups.values()) - quantised) * 2
+
+
+def activation_bytes(arch: Arch, tokens: int, checkpointing: bool) -> float:
+    """An ESTIMATE of the trainer's activation peak for one micro-batch of `tokens` tokens (bf16 activations).
+    - With checkpointing: one saved hidden state per layer, plus one layer's recomputed internals in backward.
+    - One layer's internals, kept for backward: attention q, k, v, attention output, o_proj output; MoE: each token's
+      8 experts' gate, up, activation and down outputs, router logits (fp32).
+    - The logits: bf16 logits, fp32 log-softmax and its gradient over the whole vocabulary (the largest term;
+      computing the log-probs in chunks of tokens would remove most of it)."""
+    kv_dim = arch.kv_heads * arch.head_dim
+    attention = tokens * (2 * arch.q_dim + 2 * kv_dim + arch.hidden) * 2
+    moe = tokens * arch.experts_per_tok * (3 * arch.moe_intermediate + arch.hidden) * 2 + tokens * 128 * 4
+    per_layer = attention + moe + tokens * arch.hidden * 2 * 4  # + norms / residuals
+    logits = tokens * arch.vocab * (2 + 4 + 4)
+    layers = arch.hidden * tokens * 2 * arch.layers + per_layer if checkpointing else per_layer * arch.layers
+    return layers + logits
+
+
+def kv_bytes_per_token(arch: Arch, tp: int) -> float:
+    """K and V of every layer for one token, on one GPU of a tensor-parallel engine (bf16)."""
+    return arch.layers * 2 * max(arch.kv_heads // tp, 1) * arch.head_dim * 2
+
+
+def plan_rows(plan: Plan, groups: dict[str, int], lora: int, arch: Arch, hw: Hardware, work: Workload) -> dict:
+    """Bytes per GPU, by item, for one plan."""
+    shard = hw.gpus if plan.trainer == "fsdp2" else 1
+    total_params = sum(groups.values())
+    rows = {
+        "base weights (trainer)": base_weight_bytes(groups, plan.base_format) / shard,
+        "LoRA weights (fp32)": lora * 4 / shard,
+        "LoRA gradients (fp32)": lora * 4 / shard,
+        "AdamW state (fp32 m, v)": lora * 8 / shard,
+        # FSDP2 gathers one decoder layer for compute and prefetches the next: two bf16 layers in flight.
+        "FSDP2 gather buffers": (2 * (total_params - groups["embeddings"]) / arch.layers * 2
+                                 if plan.trainer == "fsdp2" else 0.0),
+        "activations (estimate)": activation_bytes(arch, work.micro_batch_tokens, work.gradient_checkpointing),
+        "vLLM weights (bf16 + LoRA slot)": (total_params + lora) * 2 / plan.vllm_tp,
+        "vLLM KV cache": work.kv_cache_gib * GIB,
+        "reserve (context, NCCL, fragmentation)": hw.reserve_gib * GIB,
+    }
+    trainer_resident = sum(rows[k] for k in ("base weights (trainer)", "LoRA weights (fp32)", "AdamW state (fp32 m, v)"))
+    vllm = rows["vLLM weights (bf16 + LoRA slot)"] + rows["vLLM KV cache"]
+    rows["= during generation"] = trainer_resident + vllm + rows["reserve (context, NCCL, fragmentation)"]
+    rows["= during training"] = (trainer_resident + rows["LoRA gradients (fp32)"] + rows["FSDP2 gather buffers"]
+                                 + rows["activations (estimate)"] + rows["reserve (context, NCCL, fragmentation)"]
+                                 + (0.0 if plan.sleep else vllm))
+    rows["host memory for sleep (per GPU)"] = rows["vLLM weights (bf16 + LoRA slot)"] if plan.sleep else 0.0
+    return rows
+
+
+def fits(rows: dict, hw: Hardware) -> bool:
+    return max(rows["= during generation"], rows["= during training"]) <= hw.gpu_gib * GIB
+
+
+def format_report(cfg, groups, lora, arch, hw, work, plans=CANDIDATES) -> str:
+    total = sum(groups.values())
+    lines = [
+        f"{cfg.name}: {total / 1e9:.2f} B parameters (experts {groups['experts'] / 1e9:.2f} B as fused 3-D tensors, "
+        f"linear {groups['linear'] / 1e9:.2f} B, embeddings {groups['embeddings'] / 1e9:.2f} B, "
+        f"other {groups['other'] / 1e6:.1f} M); LoRA r={cfg.lora_r} on {list(cfg.lora_target_modules)} "
+        f"+ {list(cfg.lora_target_parameters)}: {lora / 1e6:.1f} M trainable",
+        f"{hw.gpus} x {hw.gpu_gib} GiB; micro-batch {work.micro_batch_tokens} tokens "
+        f"(checkpointing {'on' if work.gradient_checkpointing else 'off'}); KV cache {work.kv_cache_gib} GiB/GPU",
+        "",
+    ]
+    all_rows = {p.name: plan_rows(p, groups, lora, arch, hw, work) for p in plans}
+    width = max(len(k) for k in next(iter(all_rows.values())))
+    lines.append(f"{'GiB per GPU':<{width}}" + "".join(f"{p.name:>18}" for p in plans))
+    lines.append(f"{'trainer / base / vLLM TP':<{width}}"
+                 + "".join(f"{f'{p.trainer}/{p.base_format}/{p.vllm_tp}':>18}" for p in plans))
+    for key in next(iter(all_rows.values())):
+        lines.append(f"{key:<{width}}" + "".join(f"{all_rows[p.name][key] / GIB:>18.2f}" for p in plans))
+    lines.append(f"{'fits in ' + str(hw.gpu_gib) + ' GiB':<{width}}"
+                 + "".join(f"{('yes' if fits(all_rows[p.name], hw) else 'NO'):>18}" for p in plans))
+    lines.append("")
+    for p in plans:
+        engines = hw.gpus // p.vllm_tp
+        kv_tokens = work.kv_cache_gib * GIB / kv_bytes_per_token(arch, p.vllm_tp)
+        lines.append(f"{p.name}: {p.note}; {engines} vLLM engines, KV cache for {kv_tokens / 1e3:.0f} k tokens each")
+    lines.append(f"chosen: {CHOSEN} (see the docstring of memory_plan.py for why); activations are an estimate.")
+    return "\n".join(lines)
+
+
+# ---- the code part of the plan: FSDP2 sharding of the trainer's model ------------------------------------------
+
+def shard_with_fsdp2(model, mesh=None):
+    """Shard the peft model's base, LoRA weights (and so AdamW state) over the ranks with FSDP2: one unit per
+    decoder layer (gathered just before its forward/backward, freed after), one for the rest. Frozen bf16 base and
+    trainable LoRA live in the same unit: FSDP2 reduce-scatters gradients only for parameters that have them.
+    Call after the peft model is built and before the optimiser is created; returns the same object."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def decoder_layers(model):
+    """The transformer blocks of a (peft-wrapped) causal LM: model.model.layers in every HF decoder we use."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(inner).__name__} has no .model.layers: shard_with_fsdp2 knows HF decoder-only LMs")
+    return layers
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", help="YAML file whose model: section sets name and LoRA targets")
+    for f in Hardware.__dataclass_fields__.values():
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    for f in Workload.__dataclass_fields__.values():
+        if f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--vllm-tp", type=int, default=None, help="also show the chosen plan with this vLLM TP size")
+    args = ap.parse_args(argv)
+    hw = Hardware(**{k: getattr(args, k) for k in Hardware.__dataclass_fields__})
+    work = Workload(**{k: getattr(args, k) for k in Workload.__dataclass_fields__})
+    if hw.gpus < 1 or work.micro_batch_tokens < 1 or work.kv_cache_gib < 0:
+        raise ValueError("--gpus and --micro-batch-tokens must be >= 1 and --kv-cache-gib >= 0")
+    cfg = load_model_config(args.config)
+    model = meta_model(cfg.name)
+    groups, arch = parameter_groups(model), Arch.of(model)
+    lora = lora_numel(model, cfg)
+    plans = list(CANDIDATES)
+    if args.vllm_tp:
+        if hw.gpus % args.vllm_tp:
+            raise ValueError(f"--vllm-tp {args.vllm_tp} must divide --gpus {hw.gpus}")
+        plans.append(Plan(f"{CHOSEN}-tp{args.vllm_tp}", "fsdp2", "bf16", args.vllm_tp, note="requested TP size"))
+    report = format_report(cfg, groups, lora, arch, hw, work, plans)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
