@@ -164,7 +164,7 @@ class Config:
         need(r.description_chars >= 0, "rollout.description_chars", "must be >= 0")
         need(r.max_context > r.buyer_max_tokens, "rollout.max_context", "must exceed rollout.buyer_max_tokens")
         need(s.kind in SELLER_KINDS, "seller.kind", f"use one of {SELLER_KINDS}")
-        if s.kind in ("llm", "chat") and s.persona:
+        if s.persona:  # checked for every seller kind: a typo never passes silently
             import env
             need(s.persona in env.list_personas(), "seller.persona",
                  f"unknown persona; use one of {env.list_personas()} or add personas/{s.persona}.txt")
@@ -323,14 +323,32 @@ def _set(cfg: Config, key: str, value, source: str | None) -> None:
             raise ConfigError(f"{key}={_show(value)}{where}: {e}") from None
 
 
+# What other trainers (TRL, verl, nanoGPT) call some of our fields: a user typing theirs gets ours suggested.
+ALIASES = {"learning_rate": "train.lr", "max_steps": "train.steps", "num_generations": "rollout.group_size",
+           "beta": "train.kl_coef", "epsilon": "train.eps_low", "epsilon_high": "train.eps_high",
+           "max_grad_norm": "train.grad_clip", "warmup_steps": "train.warmup_updates",
+           "max_completion_length": "rollout.buyer_max_tokens", "temperature": "rollout.buyer_temperature",
+           "model_name": "model.name", "output_dir": "out_dir", "num_iterations": "train.updates_per_batch"}
+
+
 def _suggest(key: str) -> str:
     keys = config_keys()
-    leaf_matches = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    close = list(dict.fromkeys(leaf_matches + difflib.get_close_matches(key, keys, n=3, cutoff=0.6)))[:3]
+    section, _, leaf = key.rpartition(".")
+    prefix = section + "." if section else ""
+    siblings = [k[len(prefix):] for k in keys if k.startswith(prefix) and "." not in k[len(prefix):]]
+    if not section:  # top level: the sections are valid names too
+        siblings += list(dict.fromkeys(k.split(".")[0] for k in keys if "." in k))
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]                       # right name, wrong section
+    close += [ALIASES[leaf]] if leaf in ALIASES else []                             # another trainer's name
+    if siblings:                                                                    # a typo or a longer name
+        close += [prefix + m for m in difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.6)]
+        close += [prefix + m for m in siblings if leaf.startswith(m + "_") or m.startswith(leaf + "_")]
+    else:                                                                           # a typo in the section
+        close += difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    close = list(dict.fromkeys(close))[:3]
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
-    sections = sorted({k.split(".")[0] for k in keys})
-    return f"valid top-level keys and sections: {', '.join(sections)}"
+    return f"valid keys{' in ' + section if siblings and section else ''}: {', '.join(siblings or keys)}"
 
 
 def convert(value, kind):

@@ -281,6 +281,9 @@ def checkpoint_dirs(out_dir: str) -> list[Path]:
 def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: int) -> Path | None:
     """Collective (every rank passes its RNG state); rank 0 writes."""
     rngs = gather_objects(rng_state())
+    checksums = gather_objects(sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad))
+    if len(set(checksums)) > 1:  # the gradient sync keeps replicas identical; if not, no checkpoint can be right
+        raise RuntimeError(f"ranks hold different LoRA weights at step {step} (checksums {checksums})")
     if rank() != 0:
         return None
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
@@ -592,7 +595,8 @@ def step_metrics(step, episodes, stats, maxes, grad_norms, skipped, times, sched
 
 
 def evaluate_policy(cfg, engine, test, name: str, adapter: bool, seller_endpoint) -> dict:
-    """Every rank plays its share of the test products; rank 0 returns eval.summarize_with_ci over all of them."""
+    """Every rank plays its share of the test products; returns eval.summarize_with_ci over all of them. "before"
+    and "after" play under the same labels, hence the same sampling seeds (a paired comparison)."""
     import eval as evaluation
 
     ev = cfg.eval
@@ -604,14 +608,15 @@ def evaluate_policy(cfg, engine, test, name: str, adapter: bool, seller_endpoint
         buyer = build_buyer(cfg, engine, seed=ev.seed, temperature=ev.buyer_temperature)
         buyer.adapter = adapter
     seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
+    path = Path(cfg.out_dir) / f"eval_{name}_rank{rank()}.jsonl"
+    path.unlink(missing_ok=True)  # a fresh evaluation: never mix with one an earlier attempt left behind
     records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=ev.episodes_per_product,
-                                  max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size, buyer_name=name,
+                                  max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size,
+                                  buyer_name="scripted" if name == "scripted" else "policy",
                                   seller_name=cfg.seller.kind, persona=cfg.seller.persona, seed=ev.seed + rank(),
-                                  out_path=Path(cfg.out_dir) / f"eval_{name}_rank{rank()}.jsonl",
-                                  progress=cfg.log.progress and rank() == 0) if mine else []
+                                  out_path=path, progress=cfg.log.progress and rank() == 0) if mine else []
     everything = [r for part in gather_objects(records) for r in part]
-    summary = evaluation.summarize_with_ci(everything)
-    return summary | {"episodes": len(everything)}
+    return evaluation.summarize_with_ci(everything) | {"episodes": len(everything)}
 
 
 def final_evaluation(cfg, engine, test, seller_endpoint, before: dict | None) -> dict:
@@ -660,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
-    seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
+    seed_everything(cfg.seed)  # the same LoRA initialisation on every rank; per-rank seeds come after the model
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank() == 0:
         save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
@@ -678,6 +683,10 @@ def main(argv: list[str] | None = None) -> dict:
     import model as model_lib
     model, tokenizer = model_lib.load_policy(cfg.model, str(device), verbose=rank() == 0)
     params = [p for p in model.parameters() if p.requires_grad]
+    if dist.is_initialized():  # identical replicas from the start, whatever the loader did (as DDP does)
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -795,14 +804,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     if STOP["signal"] is not None:
         print0(f"stopped by signal {STOP['signal']}; checkpoint saved in {cfg.out_dir}; rerun the same command to resume")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(cfg, world_size)
         sys.exit(128 + STOP["signal"])
     if cfg.eval.episodes_per_product > 0:
         metrics["final_eval"] = final_evaluation(cfg, engine, test, endpoint, before)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group(cfg, world_size)
     return metrics
+
+
+def leave_process_group(cfg, world_size: int) -> None:
+    """Destroy the process group we created. vLLM joins (or, alone, creates) it and tears it down itself at exit,
+    failing if it is already gone, so with the vLLM engine we leave that to vLLM."""
+    if world_size > 1 and cfg.engine.kind == "hf" and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

