@@ -300,7 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=0, help="sampling seed: the same seed, machine and engine give the same games")
     a("--batch-size", type=int, default=64, help="episodes played in lockstep, one generation batch (default 64)")
     a("--engine", default="hf", choices=["hf", "vllm"])
-    a("--gpu-memory-utilization", type=float, default=0.85, help="vllm: share of GPU memory it may take")
+    a("--gpu-memory-utilization", type=float, help="vllm: share of the GPU's memory it may take (default 0.85; on "
+      "CPU vLLM reads it as a share of RAM: default 0.2)")
     a("--base-model", help="HF id or folder of the base model (default: the adapter's base)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default="out/eval", help="output folder (default out/eval)")
@@ -532,8 +533,9 @@ def load_engine(args, base_model: str, buyers: list[dict]):
     if args.engine == "vllm":
         from vllm_engine import VLLMEngine
         ranks = [json.loads((Path(b["path"]) / "adapter_config.json").read_text())["r"] for b in adapters]
+        share = args.gpu_memory_utilization or (0.2 if device == "cpu" else 0.85)  # nothing else shares it here
         return VLLMEngine(base_model, model_lib.load_tokenizer(cfg), sync_strategy="adapter", dtype=dtype,
-                          gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_context,
+                          gpu_memory_utilization=share, max_model_len=args.max_context,
                           max_lora_rank=max(ranks, default=16), seed=args.seed,
                           quantization="bitsandbytes" if args.quantization == "4bit" else None)
     from engine import HFEngine
@@ -639,20 +641,23 @@ def prepare_out(out: Path, info: dict, resume: bool) -> None:
     saved.write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_training_log(run_dir) -> list[dict]:
-    """The per-step lines of a training run's metrics.jsonl, for the report's curves."""
+def read_training_run(run_dir) -> dict | None:
+    """A training run folder for the report: {"dir", "steps": metrics.jsonl lines, "final_eval": final_eval.json
+    (train.py's held-out before/after numbers) or None}."""
     if run_dir is None:
-        return []
+        return None
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"--run {run_dir}: no metrics.jsonl there; point --run at a training run folder")
-    rows = []
+    steps = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            steps.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    return rows
+    final = Path(run_dir) / "final_eval.json"
+    return {"dir": str(run_dir), "steps": steps,
+            "final_eval": json.loads(final.read_text()) if final.exists() else None}
 
 
 def main(argv=None) -> dict:
@@ -665,7 +670,7 @@ def main(argv=None) -> dict:
         buyers = plan_buyers(args)
         sources = resolve_settings(args, buyers)
         base_model = resolve_base_model(args, buyers)
-        training = read_training_log(args.run)
+        training = read_training_run(args.run)
         scenarios = held_out_products(args)
         info = run_info(args, buyers, base_model, personas, scenarios, sources)
         endpoints = check_endpoints(args)

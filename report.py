@@ -1,6 +1,7 @@
 """The evaluation report: report.md (the tables) and report.html (one self-contained page).
 
-    report.write_report(out_dir, metrics, records, training_rows)   # metrics = eval.metrics_table + {"run": ...}
+    report.write_report(out_dir, metrics, records, training)   # metrics = eval.metrics_table + {"run": ...},
+                                                               # training = eval.read_training_run(dir) or None
 
 report.html needs no network: plots are inline SVG drawn by matplotlib, the transcripts are a JSON blob in the
 page with a few lines of plain JS to filter them, and the styles are inline. It opens from a file:// URL,
@@ -95,6 +96,14 @@ def category_table(row: dict) -> tuple[list[str], list[list[str]]]:
     head = ["category", "products", "episodes", "reward [95% CI]", "deal rate", "bargained ratio", "CI walk-away"]
     rows = [[c, str(m["products"]), str(m["episodes"]), fmt_ci(m), fmt(m["deal_rate"], "pct"),
              fmt(m["bargained_ratio"]), fmt(m["ci_walkaway_rate"], "pct")] for c, m in row["by_category"].items()]
+    return head, rows
+
+
+def final_eval_table(final: dict) -> tuple[list[str], list[list[str]]]:
+    """train.py's final_eval.json: {"before", "after", "scripted"} summaries of the held-out evaluation."""
+    head = ["policy", "episodes", "reward [95% CI]"] + [c[0] for c in COLUMNS[1:7]]
+    rows = [[name, str(m.get("episodes", "")), fmt_ci(m)] + [fmt(m.get(k), f) for _, k, f in COLUMNS[1:7]]
+            for name, m in final.items() if m]
     return head, rows
 
 
@@ -347,10 +356,10 @@ h3{font-size:15px;margin:18px 0 6px} .lead{color:#555;margin:0 0 18px}
 .card b{display:block;font-size:13px;color:#555;font-weight:600} .card span{font-size:22px;font-weight:600}
 .card small{display:block;color:#777}
 .scroll{overflow-x:auto;background:#fff;border:1px solid #e3e3e3;border-radius:8px}
-table{border-collapse:collapse;font-size:13px;width:100%} th,td{padding:6px 8px;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;font-size:13px;width:100%} th,td{padding:5px 7px;text-align:right;white-space:nowrap}
 th{background:#fafafa;border-bottom:1px solid #ddd;font-weight:600;white-space:normal;vertical-align:bottom;min-width:54px} td{border-bottom:1px solid #f0f0f0}
 th:first-child,td:first-child,.left{text-align:left} tr:hover td{background:#f5f9ff}
-td.best{font-weight:700}
+td.best{font-weight:700} small.ci{color:#777;font-size:11px}
 .kv td{text-align:left;white-space:normal} .kv td:first-child{color:#555;width:180px;white-space:nowrap}
 figure{margin:10px 0 24px;background:#fff;border:1px solid #e3e3e3;border-radius:8px;padding:10px}
 figcaption{color:#555;font-size:13px;margin:4px 4px 0} svg.plot{max-width:100%;height:auto;display:block;margin:0 auto}
@@ -422,15 +431,23 @@ def html_table(head: list[str], rows: list[list[str]], best: dict[int, str] | No
     for col, how in (best or {}).items():
         values = [(_number(r[col]), i) for i, r in enumerate(rows)]
         values = [(v, i) for v, i in values if v is not None]
-        if len(values) > 1:
+        if len({v for v, _ in values}) > 1:  # bold only where the rows differ
             target = (max if how == "max" else min)(v for v, _ in values)
             marks |= {(i, col) for v, i in values if v == target}
     out = ["<div class='scroll'><table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) +
            "</tr></thead><tbody>"]
     for i, r in enumerate(rows):
-        out.append("<tr>" + "".join(f"<td{' class=best' if (i, j) in marks else ''}>{html.escape(str(c))}</td>"
+        out.append("<tr>" + "".join(f"<td{' class=best' if (i, j) in marks else ''}>{_cell(c)}</td>"
                                     for j, c in enumerate(r)) + "</tr>")
     return "\n".join(out) + "</tbody></table></div>"
+
+
+def _cell(text) -> str:
+    """A value with its interval ("0.271 [0.249, 0.292]") gets the interval on a second, smaller line."""
+    m = re.fullmatch(r"(\S+) (\[[^\]]+\])", str(text))
+    if m:
+        return f"{html.escape(m.group(1))}<br><small class='ci'>{html.escape(m.group(2))}</small>"
+    return html.escape(str(text))
 
 
 def _number(cell: str) -> float | None:
@@ -479,8 +496,9 @@ def cards(metrics: dict) -> str:
     return "<div class='cards'>" + "".join(out) + "</div>"
 
 
-def html_report(metrics: dict, records: list[dict], training: list[dict] | None = None,
+def html_report(metrics: dict, records: list[dict], training: dict | None = None,
                 max_transcripts: int = 2000) -> str:
+    """training: eval.read_training_run's {"dir", "steps", "final_eval"}, or None."""
     info = metrics.get("run", {})
     ok = [r for r in records if r.get("error") is None]
     p = info.get("protocol", {})
@@ -512,11 +530,15 @@ def html_report(metrics: dict, records: list[dict], training: list[dict] | None 
         parts.append(f"<figure>{plot_personas(metrics)}<figcaption>Metrics per seller persona, one bar per buyer "
                      f"(reward with its 95% CI).</figcaption></figure>")
     if training:
-        parts.append("<h2 id='training'>Training run</h2>")
-        parts.append(f"<figure>{plot_training(training)}<figcaption>Per training step (thin) and a 5-step moving "
-                     f"average (thick). The paper's four phases: naive bargaining → aggressive opening offers "
+        parts.append(f"<h2 id='training'>Training run</h2><p class='lead'>{html.escape(training['dir'])}: "
+                     f"{len(training['steps'])} steps in metrics.jsonl.</p>")
+        parts.append(f"<figure>{plot_training(training['steps'])}<figcaption>Per training step (thin) and a 5-step "
+                     f"moving average (thick). The paper's four phases: naive bargaining → aggressive opening offers "
                      f"(first-offer ratio falls, reward rises) → deadlock (deal rate and reward dip) → persuasion "
                      f"(deal rate recovers, bargained ratio stays high).</figcaption></figure>")
+        if training.get("final_eval"):
+            parts.append("<h3>The run's own held-out evaluation (final_eval.json)</h3>"
+                         + html_table(*final_eval_table(training["final_eval"])))
     parts += ["<h2 id='paper'>For reference: the paper's held-out numbers</h2>",
               "<p class='lead'>Other models and hardware, the same protocol by default (128 products × 4 episodes, "
               "neutral seller): a yardstick, not a like-for-like comparison.</p>", html_table(*paper_table()),
@@ -549,7 +571,7 @@ def _script_json(obj) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def write_report(out_dir, metrics: dict, records: list[dict], training: list[dict] | None = None) -> tuple[Path, Path]:
+def write_report(out_dir, metrics: dict, records: list[dict], training: dict | None = None) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "report.md", out / "report.html"

