@@ -74,7 +74,7 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(tokenizer)
         self.on_gpu = torch.cuda.is_available()
         self.tp_group, tp_index = make_tp_group(tensor_parallel_size)
-        self.version = 0  # number of syncs so far; the LoRA id of the current adapter
+        self.version = 0  # weight versions loaded so far (syncs + use_adapter calls); the current LoRA id
         self.lora_request = None  # the current policy adapter ("adapter" strategy)
         self.sleeping = False
         self.last_sync_s = 0.0  # seconds the latest sync took
@@ -165,24 +165,33 @@ class VLLMEngine:
             raise RuntimeError("sync() on a sleeping engine: call engine.wake_up() first (weights must be resident)")
         start = time.perf_counter()
         if self.sync_strategy == "adapter":
-            self.sync_adapter(model)
+            self.sync_adapter(model)  # counts the version itself (use_adapter)
         else:
             self.sync_merged(model)
-        self.version += 1
+            self.version += 1
         self.last_sync_s = time.perf_counter() - start
 
     def sync_adapter(self, model) -> None:
+        path = os.path.join(self.adapter_dir, f"policy-v{self.version + 1}")
+        save_adapter(model, path)
+        self.use_adapter(path)
+
+    def use_adapter(self, path: str) -> None:
+        """Serve adapter=True from the peft adapter folder `path` (a fresh LoRA id, so nothing cached for the
+        previous adapter is reused). sync() calls it with the trainer's weights; eval.py with a checkpoint's."""
         from vllm.lora.request import LoRARequest
 
-        version = self.version + 1
-        path = os.path.join(self.adapter_dir, f"policy-v{version}")
-        save_adapter(model, path)
-        new = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version, lora_path=path)
+        if self.sync_strategy != "adapter":
+            raise ValueError("use_adapter() needs sync_strategy='adapter' (a merged engine has LoRA disabled)")
+        lora_id = self.version + 1
+        new = LoRARequest(lora_name=f"policy-v{lora_id}", lora_int_id=lora_id, lora_path=path)
         old, self.lora_request = self.lora_request, new
-        if old is not None:  # free the single adapter slot first, and the old folder
+        if old is not None:  # free the single adapter slot first; delete the old folder only if we wrote it
             self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old.lora_path, ignore_errors=True)
+            if os.path.dirname(os.path.abspath(old.lora_path)) == os.path.abspath(self.adapter_dir):
+                shutil.rmtree(old.lora_path, ignore_errors=True)
         self.llm.llm_engine.add_lora(new)  # load now: a bad adapter fails here, not mid-rollout
+        self.version = lora_id
 
     def sync_merged(self, model) -> None:
         dtype = self.llm.llm_engine.model_config.dtype

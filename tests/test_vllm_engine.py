@@ -157,6 +157,20 @@ def test_merged_engine_hands_the_seller_to_its_seller_engine(merged_engine, tiny
         merged_engine.seller = seller
 
 
+def test_use_adapter_serves_a_checkpoint_folder_and_keeps_it(adapter_engine, tiny_model_dir, prompts, tmp_path):
+    """eval.py points the engine at saved checkpoints; a later sync must not delete those folders."""
+    from vllm_engine import save_adapter
+
+    m, _ = fresh_policy(tiny_model_dir, seed=5)
+    save_adapter(m, str(tmp_path / "ckpt"))
+    adapter_engine.use_adapter(str(tmp_path / "ckpt"))
+    m.eval()
+    gens = adapter_engine.generate(prompts, temperature=1.0, max_tokens=8, adapter=True, seed=0)
+    assert max_gap(m, prompts, gens, 1.0, adapter=True) < TOL
+    adapter_engine.sync(fresh_policy(tiny_model_dir, seed=6)[0])
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").exists()
+
+
 def test_freshness_probe_catches_a_skipped_sync(adapter_engine, tiny_model_dir, prompts):
     m, _ = fresh_policy(tiny_model_dir, seed=4)
     adapter_engine.sync(m)
