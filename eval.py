@@ -32,7 +32,6 @@ import concurrent.futures
 import copy
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -134,7 +133,10 @@ def evaluate(buyer, seller, scenarios: list[data.Scenario], *, episodes_per_prod
                          f"{episodes_per_product}, {batch_size}, {len(scenarios)} scenarios")
     labels = dict(buyer=buyer_name, seller=seller_name, persona=persona)
     tasks = [(s, k) for s in scenarios for k in range(episodes_per_product)]
-    key_of = lambda s, k: (buyer_name, seller_name, persona, s.codename, k)  # noqa: E731 (KEY_FIELDS order)
+
+    def key_of(s: data.Scenario, k: int) -> tuple:  # KEY_FIELDS order
+        return buyer_name, seller_name, persona, s.codename, k
+
     done = {}
     if resume and out_path is not None:
         drop_partial_tail(out_path)
@@ -289,6 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--buyer-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the buyer endpoint's key")
     a("--seller", default="base",
       help="base (the frozen base model) | scripted[:boulware|linear|conceder|hardliner] | an endpoint URL")
+    a("--seller-jitter", type=float, default=0.0, help="scripted seller: random spread of its concession exponent "
+      "and margin per episode (env.ScriptedSeller; default 0)")
     a("--seller-model", help="the model name the seller endpoint serves (with --seller URL)")
     a("--seller-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the seller endpoint's key")
     a("--personas", help="seller personas: neutral (default) | all | a,b,... (files in personas/)")
@@ -318,6 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.products is not None and args.products < 1:
         p.error(f"--products must be >= 1, got {args.products}")
+    if args.seller_jitter < 0:
+        p.error(f"--seller-jitter must be >= 0, got {args.seller_jitter}")
     if args.buyer_temp < 0 or args.seller_temp < 0:
         p.error("temperatures must be >= 0 (0 = greedy)")
     if not args.ckpt and not args.buyer_url:
@@ -345,7 +351,8 @@ def seller_kind(spec: str) -> str:
 def seller_name(args) -> str:
     kind = seller_kind(args.seller)
     if kind == "scripted":
-        return "scripted:" + (args.seller.partition(":")[2] or "boulware")
+        jitter = f" jitter={args.seller_jitter:g}" if args.seller_jitter else ""
+        return "scripted:" + (args.seller.partition(":")[2] or "boulware") + jitter
     return f"{args.seller_model} @ {args.seller}" if kind == "endpoint" else "base"
 
 
@@ -577,7 +584,7 @@ def make_buyer(args, engine, endpoints: dict, buyer: dict):
 def make_seller(args, engine, endpoints: dict, persona: str):
     kind = seller_kind(args.seller)
     if kind == "scripted":
-        return env.ScriptedSeller(args.seller.partition(":")[2] or "boulware")
+        return env.ScriptedSeller(args.seller.partition(":")[2] or "boulware", jitter=args.seller_jitter, seed=args.seed)
     text = env.load_persona(persona)
     if kind == "endpoint":
         return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
@@ -611,7 +618,7 @@ def versions() -> dict:
 
 # How the games are played: --resume refuses to mix runs that differ in any of these (it may add buyers or
 # personas: those are new matchups, not new rules).
-PROTOCOL_FLAGS = ("seller", "episodes", "products", "max_rounds", "buyer_temp", "seller_temp", "seed", "batch_size",
+PROTOCOL_FLAGS = ("seller", "seller_jitter", "episodes", "products", "max_rounds", "buyer_temp", "seller_temp", "seed", "batch_size",
                   "engine", *RUN_SETTINGS)
 
 

@@ -71,13 +71,28 @@ def row_label(row: dict) -> str:
 
 
 def main_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["buyer", "seller", "persona", "reward [95% CI]"] + [c[0] for c in COLUMNS[1:]] + ["episodes", "errors"]
+    head = ["buyer", "seller", "persona", "reward [95% CI]"] + [c[0] for c in COLUMNS[1:]] + ["episodes"]
     rows = []
     for r in metrics["rows"]:
         m = r["all"]
+        played = str(r["episodes"]) + (f" (+{r['errors']} failed)" if r["errors"] else "")
         rows.append([r["buyer"], r["seller"], r["persona"], fmt_ci(m)] + [fmt(m[k], f) for _, k, f in COLUMNS[1:]]
-                    + [str(r["episodes"]), str(r["errors"])])
+                    + [played])
     return head, rows
+
+
+# Which way is better, for the columns where that is clear: the best value is bold in the HTML tables.
+BEST = {"reward [95% CI]": "max", "deal rate": "max", "bargained ratio": "max", "overshoot": "min",
+        "protocol violations": "min", "CI walk-away": "max"}
+
+
+def drop_constant(head: list[str], rows: list[list[str]], columns=("seller", "persona")):
+    """Leave out label columns that are the same on every row (they go in one line above the table instead):
+    the table then fits a laptop screen. Returns (head, rows, "seller X, persona Y" or "")."""
+    same = [c for c in columns if c in head and rows and len({r[head.index(c)] for r in rows}) == 1]
+    keep = [i for i, h in enumerate(head) if h not in same]
+    note = ", ".join(f"{c} {rows[0][head.index(c)]}" for c in same)
+    return [head[i] for i in keep], [[r[i] for i in keep] for r in rows], note
 
 
 def split_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
@@ -163,7 +178,8 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
 def summary_text(metrics: dict) -> str:
     """The main numbers for the terminal."""
     head, rows = main_table(metrics)
-    keep = [0, 2, 3, 4, 5, 6, 7, 9, 13, 14]  # buyer, persona, reward .. violations, CI walk-away, episodes, errors
+    keep = [head.index(h) for h in ("buyer", "persona", "reward [95% CI]", "deal rate", "bargained ratio", "overshoot",
+                                    "protocol violations", "CI walk-away", "episodes")]
     return text_table([head[i] for i in keep], [[r[i] for i in keep] for r in rows])
 
 
@@ -300,12 +316,15 @@ def plot_personas(metrics: dict) -> str:
                 errs[1].append(hi - m[key] if ok else 0)
             ax.bar(xs, ys, width=width, color=colors[b], label=b, yerr=errs if key == "reward" else None,
                    error_kw={"lw": 0.8, "capsize": 2})
+        ax.set_xlim(-0.5, len(personas) - 0.5)  # every buyer keeps its slot, also where its value is undefined
         ax.set_xticks(range(len(personas)))
         ax.set_xticklabels(personas, rotation=30 if len(personas) > 3 else 0, ha="right" if len(personas) > 3 else "center")
         ax.axhline(0, color="#999", lw=0.6)
         ax.set_title(title)
-    axes[0].legend(fontsize=8, frameon=False, loc="best")
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(buyers), 4), fontsize=8,
+               frameon=False)  # above the panels, clear of the bars
     return svg_of(fig)
 
 
@@ -337,7 +356,7 @@ def plot_training(rows: list[dict]) -> str:
         ax.set_title(title)
         ax.set_xlabel("step")
         if not ys:
-            ax.text(0.5, 0.5, f"no '{key}' in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, f"no '{key}' values in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return svg_of(fig)
 
@@ -425,10 +444,13 @@ render();
 """
 
 
-def html_table(head: list[str], rows: list[list[str]], best: dict[int, str] | None = None) -> str:
-    """best: {column: "max"|"min"} marks the best value of those columns in bold (ties all bold)."""
+def html_table(head: list[str], rows: list[list[str]], best: dict[str, str] | None = None) -> str:
+    """best: {column name: "max"|"min"} marks the best value of those columns in bold (ties all bold)."""
     marks = set()
-    for col, how in (best or {}).items():
+    for name, how in (best or {}).items():
+        if name not in head:
+            continue
+        col = head.index(name)
         values = [(_number(r[col]), i) for i, r in enumerate(rows)]
         values = [(v, i) for v, i in values if v is not None]
         if len({v for v, _ in values}) > 1:  # bold only where the rows differ
@@ -507,13 +529,13 @@ def html_report(metrics: dict, records: list[dict], training: dict | None = None
             f"{p.get('max_rounds', '?')} rounds, buyer temperature {p.get('buyer_temp', '?')}, seller temperature "
             f"{p.get('seller_temp', '?')}, seed {p.get('seed', '?')}. {len(ok)} episodes played"
             + (f", {errors} failed (endpoint errors, not counted)." if errors else "."))
-    head, rows = main_table(metrics)
-    best = {3: "max", 4: "max", 5: "max", 6: "min", 7: "min", 9: "max"}
+    head, rows, same = drop_constant(*main_table(metrics))
     parts = [f"<h1>Negotiation evaluation</h1><p class='lead'>{html.escape(lead)}</p>", cards(metrics),
              "<h2 id='results'>Results</h2>",
              "<p class='lead'>Reward: the buyer's normalised surplus (budget − price) / |budget − cost|; −1 for a "
              "protocol or budget violation, 0 without a deal. [95% CI]: bootstrap over products. Best value per "
-             "column in bold.</p>", html_table(head, rows, best),
+             f"column in bold.{html.escape(' All rows: ' + same + '.' if same else '')}</p>",
+             html_table(head, rows, BEST),
              "<h3>Mutual-interest (MI) and conflicting-interest (CI) scenarios</h3>"
              "<p class='lead'>In CI scenarios the budget is below the seller's cost: the right move is to walk away.</p>",
              html_table(*split_table(metrics)),
