@@ -1,10 +1,17 @@
 """GRPO for a negotiating buyer, in plain PyTorch. Read top to bottom: config, ranks, model, engine, players, loop.
 
-    python train.py configs/tiny.yaml model.name=/path/to/tiny          # one process, CPU or one GPU
-    torchrun --nproc_per_node 2 train.py configs/tiny.yaml ...          # data parallel on this machine (gloo on CPU)
-    torchrun --nproc_per_node 8 train.py config.yaml                    # the paper's run: Qwen3-30B-A3B, 8 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py config.yaml
-    python train.py config.yaml resume=never out_dir=runs/fresh train.lr=1e-5    # any field, dotted key=value
+    python model.py runs/tiny-model && python train.py configs/tiny.yaml model.name=runs/tiny-model   # CPU smoke
+    python train.py configs/cpu.yaml                                     # the CPU run that learns (minutes)
+    torchrun --nproc_per_node 2 train.py configs/tiny.yaml model.name=runs/tiny-model   # 2 ranks, gloo on CPU
+    torchrun --nproc_per_node 8 train.py config.yaml                     # the paper's run: Qwen3-30B-A3B, 8 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py config.yaml \
+        world_size=16                                                    # two nodes: torchrun's own multi-node
+    python train.py config.yaml train.lr=1e-5 out_dir=runs/lr1e-5        # any field: dotted key=value (config.py)
+
+The same command resumes (resume=auto: the newest complete checkpoint in out_dir). The run folder holds
+config.yaml (resolved), metrics.jsonl (one line per step), transcripts.jsonl (a few full episodes per step),
+step_NNNNNN/ (adapter/ in peft format, trainer.pt: optimiser, scheduler, RNG of every rank, step, data position;
+config.yaml), and with eval.episodes_per_product > 0 eval_before.json and final_eval.json.
 
 One step:
  1. Every rank takes its share of the step's products (the train split, reshuffled each epoch) and plays
@@ -23,20 +30,23 @@ Deliberate choices:
 - No KL by default (the paper): kl_coef=0 runs no reference forward at all. With kl_coef>0: k3 estimator
   against the same model with the adapter disabled, aggregated like the loss.
 - Groups never straddle ranks: a rank plays whole groups, so advantages need no communication.
-- The engine's log-probs are not used as "old" log-probs: the trainer recomputes them (same kernels as the
-  update, so the first update's ratio is exactly 1). The engine-vs-trainer difference is logged every step and,
-  with train.tis_cap>0, corrected by truncated importance sampling (weight min(p_trainer / p_engine, cap)),
+- The engine's log-probs are not used as "old" log-probs: the trainer recomputes them (same kernels and mode as
+  the update, so the first update's ratio is exactly 1). The engine-vs-trainer difference is logged every step
+  and, with train.tis_cap>0, corrected by truncated importance sampling (weight min(p_trainer / p_engine, cap)),
   folded into per-token advantages.
 - train.updates_per_batch>1 cuts the step's episodes into that many parts, one optimiser update each, all
   against the same old log-probs: later parts are off-policy and the clip matters.
-- Gradient sync by hand (one all_reduce of the flat LoRA gradient) instead of a DDP wrapper: it is the same
-  arithmetic, visible here, and works with any number of micro-batches per rank.
+- Data parallel by hand instead of a DDP wrapper: rank 0's initial LoRA weights are broadcast, and after the
+  backward passes one all_reduce sums the flat LoRA gradient. It is DDP's arithmetic, visible here, and works
+  with any number of micro-batches per rank. Every checkpoint checks that the replicas are still identical.
 - Rollout sampling seeds depend only on (seed, step, rank), and each step's products only on (seed, step):
   a resumed run replays exactly what the uninterrupted run would have done.
-- A NaN/inf loss or gradient skips the update (weights untouched) and is logged; max_bad_steps in a row stop the
-  run. Checkpoints are written to a temporary folder and renamed, and never from non-finite weights.
+- A NaN/inf loss or gradient skips the update (weights and Adam moments untouched) and is logged;
+  train.max_bad_steps in a row stop the run. Checkpoints are written to a .tmp folder and renamed, and never
+  from non-finite weights.
 - SIGTERM/SIGINT: during rollouts the step is abandoned (weights untouched) and the state before it saved;
-  during the update the step is finished and saved. A second signal kills as usual.
+  during the update the step is finished and saved; the exit code is 128 + the signal. A second signal kills.
+  Under torchrun, signal torchrun (it forwards to every rank), not one rank.
 """
 from __future__ import annotations
 
@@ -185,7 +195,10 @@ def token_logprobs(model, ids, attn, temperature: float, with_entropy: bool = Fa
 
 def rows_of(values: list[torch.Tensor], rows: list[int], width: int, device) -> torch.Tensor:
     """Per-episode 1-D tensors (e.g. old log-probs) of `rows`, right-padded with 0 to [B, width]."""
-    return right_pad([values[i].tolist() for i in rows], width, 0.0, torch.float32).to(device)
+    out = torch.zeros(len(rows), width)
+    for j, i in enumerate(rows):
+        out[j, :len(values[i])] = values[i]
+    return out.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +345,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank()])
     return state
+
+
+def prepare_run_dir(cfg) -> None:
+    """Create out_dir and save the resolved config. resume=never means start over: the checkpoints, logs and
+    evaluations of an earlier run there are removed (said on the console), so none can be mixed into this one."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume == "never":
+        old = sorted(out.glob("step_*")) + [p for p in out.iterdir() if p.name.startswith(("metrics.", "transcripts.",
+                                                                                          "eval_", "final_eval."))]
+        if old:
+            print(f"resume=never: removing {len(old)} files/folders of an earlier run in {out}", flush=True)
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    save_config(cfg, out / "config.yaml")
 
 
 def drop_lines_after(path: Path, step: int) -> None:
@@ -493,6 +521,7 @@ def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
     a KL is used; adds entropy and engine-vs-trainer statistics over the buyer tokens to stats / maxes."""
     t, temperature = cfg.train, cfg.rollout.buyer_temperature
     old, ref = [None] * len(convs), [None] * len(convs)
+    model.train()  # the mode of the update's forward, so that the first update's ratio is exactly 1
     for mb in micro_batches(convs, list(range(len(convs))), t.micro_batch_tokens, pad_id, device):
         logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, with_entropy=True)     # [B, T-1]
         if t.kl_coef > 0:
@@ -522,9 +551,11 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
     # "seq"/"dr_grpo"), so the gradient summed over micro-batches and ranks is the gradient of the whole batch.
     count = (lambda mb: mb.mask.sum().item()) if t.loss_agg == "token" else (lambda mb: float(len(mb.rows)))
     total = all_sum(torch.tensor([sum(count(mb) for mb in batches)], dtype=torch.float64, device=device)).item()
+    total = max(total, 1.0)  # no buyer token anywhere (all replies cut by max_context): a zero gradient, not NaN
     loss_sum = 0.0
     model.train()
-    optimizer.zero_grad(set_to_none=False)
+    for p in params:  # a gradient buffer for every LoRA tensor, so that the flat all_reduce below always lines up
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
     for mb in batches:
         width = mb.mask.shape[1]
         logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature)                            # [B, T-1]
@@ -658,23 +689,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK --------------------------------------------
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu") if cfg.device in ("auto", "cpu") \
-        else torch.device(cfg.device)
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"train.py: device={cfg.device} but CUDA is not available here: use device=auto or cpu")
+    device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     seed_everything(cfg.seed)  # the same LoRA initialisation on every rank; per-rank seeds come after the model
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if rank() == 0:
-        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+        prepare_run_dir(cfg)
+    if dist.is_initialized():
+        dist.barrier()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     # ---- data: the held-out split is never trained on ----------------------------------------------------------
-    scenarios = data.load_scenarios(cfg.data.path or None, budget_factor=cfg.data.budget_factor)
-    train, test = data.split_scenarios(scenarios, seed=cfg.data.split_seed, test_size=cfg.data.test_size)
+    try:
+        scenarios = data.load_scenarios(cfg.data.path or None, budget_factor=cfg.data.budget_factor)
+        train, test = data.split_scenarios(scenarios, seed=cfg.data.split_seed, test_size=cfg.data.test_size)
+    except (OSError, ValueError) as e:  # data.DataError is a ValueError
+        raise SystemExit(f"train.py: data: {e}") from None
     per_rank = cfg.rollout.products_per_step // world()
     print0(f"data: {len(train)} train / {len(test)} test products; {cfg.rollout.products_per_step} products x "
            f"{cfg.rollout.group_size} episodes per step over {world()} rank(s)")
@@ -753,7 +789,8 @@ def main(argv: list[str] | None = None) -> dict:
         t1 = time.perf_counter()
         if sleeps:
             engine.sleep()  # vLLM frees the GPU while the trainer works
-        stats, maxes, grad_norms, skipped = {}, {}, [], 0
+        stats, grad_norms, skipped = {}, [], 0
+        maxes = {"logp_diff_abs_max": 0.0, "ratio_max": 0.0, "inv_ratio_max": 0.0}  # same keys on every rank
         old, ref = score_rollouts(model, convs, cfg, pad_id, device, stats, maxes)
         n = len(convs)
         for k in range(t.updates_per_batch):  # consecutive parts; all use the same old log-probs

@@ -36,13 +36,20 @@ def one_thread():
 
 
 def run_cli(*args, timeout=240, torchrun=False, background=False):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]) + ["train.py", *args]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
+           else [sys.executable]) + ["train.py", *args]
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # its own process group, so that a hang (or a failed test) can be cleaned up whole
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     if background:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True, timeout=timeout)
+        return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -410,8 +417,12 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits(talking_model_dir, tmp_pa
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    try:
+        output, errors = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 128 + signal.SIGTERM, output + errors
     assert "checkpoint saved" in output
     (ckpt,) = train.checkpoint_dirs(out)
     assert not list(out.glob("*.tmp"))
