@@ -100,7 +100,7 @@ class TrainConfig:
     adv_scale: str = "none"  # "none": A = r - group mean (the paper) | "std": also divide by group std + 1e-4
     kl_coef: float = 0.0  # weight of the k3 KL to the base model (adapter off); 0 = no reference forward at all
     tis_cap: float = 0.0  # truncated importance sampling: weight min(p_trainer / p_engine, cap); 0 = off
-    max_bad_steps: int = 3  # stop after this many consecutive updates skipped for NaN/inf loss or gradients
+    max_bad_updates: int = 3  # stop after this many consecutive updates skipped for NaN/inf loss or gradients
 
 
 @dataclass
@@ -203,7 +203,7 @@ class Config:
         need(t.adv_scale in ADV_SCALES, "train.adv_scale", f"use one of {ADV_SCALES}")
         need(t.kl_coef >= 0, "train.kl_coef", "must be >= 0 (0 = no KL, the paper)")
         need(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", "use 0 (off) or a cap >= 1, e.g. 2.0")
-        need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        need(t.max_bad_updates >= 1, "train.max_bad_updates", "must be >= 1")
         need(ev.episodes_per_product >= 0, "eval.episodes_per_product", "must be >= 0 (0 = no final evaluation)")
         need(ev.products >= 0, "eval.products", "must be >= 0 (0 = the whole test split)")
         need(ev.buyer_temperature >= 0, "eval.buyer_temperature", "must be >= 0")

@@ -42,7 +42,7 @@ Deliberate choices:
 - Rollout sampling seeds depend only on (seed, step, rank), and each step's products only on (seed, step):
   a resumed run replays exactly what the uninterrupted run would have done.
 - A NaN/inf loss or gradient skips the update (weights and Adam moments untouched) and is logged;
-  train.max_bad_steps in a row stop the run. Checkpoints are written to a .tmp folder and renamed, and never
+  train.max_bad_updates in a row stop the run. Checkpoints are written to a .tmp folder and renamed, and never
   from non-finite weights.
 - SIGTERM/SIGINT: during rollouts the step is abandoned (weights untouched) and the state before it saved;
   during the update the step is finished and saved; the exit code is 128 + the signal. A second signal kills.
@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> dict:
             grad_norms.append(grad_norm)
             skipped += skip
             bad_updates = bad_updates + 1 if skip else 0
-            if bad_updates >= t.max_bad_steps:
+            if bad_updates >= t.max_bad_updates:
                 raise SystemExit(f"train.py: stopping at step {step + 1}: {bad_updates} updates in a row had a NaN/inf "
                                  f"loss or gradient (grad norm {grad_norm}); the weights are still those of the last "
                                  f"good update and nothing was saved from this state. Lower train.lr or "
