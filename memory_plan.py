@@ -1,7 +1,7 @@
 """Per-GPU memory of GRPO on Qwen3-30B-A3B-Instruct-2507 with colocated vLLM, and the sharding that makes it fit.
 
     python memory_plan.py                                   # the real 30B architecture, 8 x H100 80 GB
-    python memory_plan.py config.yaml                       # LoRA settings from the file's `model:` section
+    python memory_plan.py config.yaml                       # LoRA targets and micro-batch from a training config
     python memory_plan.py --micro-batch-tokens 8192 --kv-cache-gib 20 --vllm-tp 4 --gpus 8
 
 It builds the architecture on the meta device (no weights, no download: the public config values are below),
@@ -77,22 +77,17 @@ CHOSEN = "fsdp2-bf16"
 
 # ---- the architecture on the meta device ----------------------------------------------------------------------
 
-def load_model_config(path: str | None):
-    """model.ModelConfig from a YAML file's `model:` section (the rest of the file is train.py's), or the
-    production defaults for Qwen3-30B-A3B-Instruct-2507."""
+def load_run_config(path: str | None):
+    """(model.ModelConfig, the trainer's micro-batch tokens or None) from a training config file, read by
+    config.py (strict: unknown keys fail); the production defaults for Qwen3-30B-A3B-Instruct-2507 without one."""
     from model import ModelConfig
 
     if path is None:
-        return ModelConfig(name=QWEN3_30B_A3B_NAME, lora_r=16, lora_alpha=32)
-    import yaml
+        return ModelConfig(name=QWEN3_30B_A3B_NAME, lora_r=16, lora_alpha=32), None
+    from config import load_config
 
-    with open(path) as f:
-        section = (yaml.safe_load(f) or {}).get("model", {})
-    try:
-        return ModelConfig(**section)
-    except TypeError as e:
-        raise ValueError(f"{path}: the model: section has a key ModelConfig does not know ({e}); "
-                         f"valid keys: {sorted(ModelConfig.__dataclass_fields__)}") from None
+    cfg = load_config(path)
+    return cfg.model, cfg.train.micro_batch_tokens
 
 
 def meta_model(name: str):
@@ -218,6 +213,14 @@ def plan_rows(plan: Plan, groups: dict[str, int], lora: int, arch: Arch, hw: Har
     return rows
 
 
+VLLM_WORKSPACE_GIB = 2.0  # vLLM's own activations / sampler buffers inside its memory share (profiled at start)
+
+
+def gpu_memory_utilization(rows: dict, hw: Hardware) -> float:
+    """The vLLM share of the GPU that holds its weights, the planned KV cache and its workspace."""
+    return (rows["vLLM weights (bf16 + LoRA slot)"] + rows["vLLM KV cache"] + VLLM_WORKSPACE_GIB * GIB) / (hw.gpu_gib * GIB)
+
+
 def fits(rows: dict, hw: Hardware) -> bool:
     return max(rows["= during generation"], rows["= during training"]) <= hw.gpu_gib * GIB
 
@@ -246,7 +249,9 @@ def format_report(cfg, groups, lora, arch, hw, work, plans=CANDIDATES) -> str:
     for p in plans:
         engines = hw.gpus // p.vllm_tp
         kv_tokens = work.kv_cache_gib * GIB / kv_bytes_per_token(arch, p.vllm_tp)
-        lines.append(f"{p.name}: {p.note}; {engines} vLLM engines, KV cache for {kv_tokens / 1e3:.0f} k tokens each")
+        share = gpu_memory_utilization(all_rows[p.name], hw)
+        lines.append(f"{p.name}: {p.note}; {engines} vLLM engines, KV cache for {kv_tokens / 1e3:.0f} k tokens each; "
+                     f"engine.gpu_memory_utilization={share:.2f}")
     lines.append(f"chosen: {CHOSEN} (see the docstring of memory_plan.py for why); activations are an estimate.")
     return "\n".join(lines)
 
@@ -281,18 +286,21 @@ def main(argv=None) -> str:
     ap.add_argument("config", nargs="?", help="YAML file whose model: section sets name and LoRA targets")
     for f in Hardware.__dataclass_fields__.values():
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    for f in Workload.__dataclass_fields__.values():
+    for f in Workload.__dataclass_fields__.values():  # default None: the config file's value, else the dataclass's
         if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+            ap.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None)
         else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     ap.add_argument("--vllm-tp", type=int, default=None, help="also show the chosen plan with this vLLM TP size")
     args = ap.parse_args(argv)
+    cfg, micro_batch_tokens = load_run_config(args.config)
     hw = Hardware(**{k: getattr(args, k) for k in Hardware.__dataclass_fields__})
-    work = Workload(**{k: getattr(args, k) for k in Workload.__dataclass_fields__})
+    given = {k: getattr(args, k) for k in Workload.__dataclass_fields__ if getattr(args, k) is not None}
+    if micro_batch_tokens is not None:
+        given.setdefault("micro_batch_tokens", micro_batch_tokens)
+    work = Workload(**given)
     if hw.gpus < 1 or work.micro_batch_tokens < 1 or work.kv_cache_gib < 0:
         raise ValueError("--gpus and --micro-batch-tokens must be >= 1 and --kv-cache-gib >= 0")
-    cfg = load_model_config(args.config)
     model = meta_model(cfg.name)
     groups, arch = parameter_groups(model), Arch.of(model)
     lora = lora_numel(model, cfg)

@@ -382,6 +382,8 @@ class FreshnessProbe:
     baseline: float | None = field(default=None, init=False)  # the step-0 gap
     last_engine: list[float] | None = field(default=None, init=False)
     last_trainer: list[float] | None = field(default=None, init=False)
+    trainer_moved: float | None = field(default=None, init=False)  # max |change| of the trainer's scores, last check
+    engine_moved: float | None = field(default=None, init=False)  # the same for the engine's (worth logging)
 
     def __post_init__(self):
         if not 1 <= self.prompt_len < len(self.ids):
@@ -402,12 +404,12 @@ class FreshnessProbe:
                 f"tolerance {self.tolerance}): the engine is not generating with the trained policy; check the "
                 f"weight sync (sync_strategy, adapter folder, reload_weights names)")
         if self.last_trainer is not None:
-            trainer_moved = max(abs(a - b) for a, b in zip(trainer, self.last_trainer))
-            engine_moved = max(abs(a - b) for a, b in zip(engine, self.last_engine))
-            if trainer_moved > self.min_move and engine_moved < 0.1 * trainer_moved:
+            self.trainer_moved = max(abs(a - b) for a, b in zip(trainer, self.last_trainer))
+            self.engine_moved = max(abs(a - b) for a, b in zip(engine, self.last_engine))
+            if self.trainer_moved > self.min_move and self.engine_moved < 0.1 * self.trainer_moved:
                 raise StaleEngineError(
-                    f"the trainer's probe scores moved by {trainer_moved:.4f} since the last check but the engine's "
-                    f"by only {engine_moved:.6f}: the engine missed the weight update (was sync() called?)")
+                    f"the trainer's probe scores moved by {self.trainer_moved:.4f} since the last check but the "
+                    f"engine's by only {self.engine_moved:.6f}: the engine missed the weight update (was sync() called?)")
         self.last_engine, self.last_trainer = engine, trainer
         return gap
 

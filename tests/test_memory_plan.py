@@ -58,12 +58,14 @@ def test_bitsandbytes_qlora_does_not_fit_and_the_chosen_plan_does(qwen30b):
     assert mp.kv_bytes_per_token(arch, 2) == 49_152
 
 
-def test_command_line_with_a_config_file(tiny_moe_dir, tmp_path, capsys):
+def test_command_line_with_a_training_config(tiny_moe_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  name: {tiny_moe_dir}\n  lora_r: 4\n  lora_target_parameters: [mlp.experts.down_proj]\n"
-                   f"train:\n  whatever: 1\n")
-    report = mp.main([str(cfg), "--gpus", "2", "--micro-batch-tokens", "64", "--kv-cache-gib", "0.5"])
+                   f"train:\n  micro_batch_tokens: 64\n")
+    report = mp.main([str(cfg), "--gpus", "2", "--kv-cache-gib", "0.5"])
     assert "fsdp2-bf16" in report and "['mlp.experts.down_proj']" in report and "2 x 79.6 GiB" in report
+    assert "micro-batch 64 tokens" in report and "engine.gpu_memory_utilization=" in report
+    assert "micro-batch 32 tokens" in mp.main([str(cfg), "--micro-batch-tokens", "32"])  # the flag wins
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model:\n  name: {tiny_moe_dir}\n  lora_rank: 4\n")
     with pytest.raises(ValueError, match="lora_r"):

@@ -338,3 +338,16 @@ def test_chat_endpoint_against_a_real_vllm_server(tiny_model_dir, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.slow  # ~40 s: a fresh process builds a tiny model and a vLLM engine
+def test_gpu_smoke_dry_run_on_cpu():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "gpu_smoke.py"), "--dry-run", "--prompts", "8",
+                          "--max-tokens", "16", "--lr", "1e-2"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for phase in ("vLLM: start engine", "generate: buyer (adapter)", "generate: seller (base)", "train: one GRPO step",
+                  "vLLM: sync (adapter)", "probe (step 1)"):
+        assert phase in run.stdout
+    assert "sleep mode is GPU-only" in run.stdout
