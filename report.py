@@ -342,6 +342,22 @@ def training_series(rows: list[dict], name: str) -> tuple[list[float], list[floa
 
 
 def plot_training(rows: list[dict]) -> str:
+    """training_figure() as inline SVG for report.html."""
+    return svg_of(training_figure(rows))
+
+
+def save_training_png(run_dir) -> Path:
+    """metrics.png in a training run folder, from its metrics.jsonl: the picture a user looks at first."""
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig = training_figure(rows)
+    path = run_dir / "metrics.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def training_figure(rows: list[dict]):
     """Reward, deal rate, first-offer ratio and bargained ratio per training step. The paper's four phases show
     here: naive bargaining; aggressive openings (first-offer ratio drops, reward rises); deadlock (deal rate and
     reward dip); persuasion (deal rate recovers while the bargained ratio stays high)."""
@@ -358,7 +374,7 @@ def plot_training(rows: list[dict]) -> str:
         if not ys:
             ax.text(0.5, 0.5, f"no '{key}' values in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    return svg_of(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -314,6 +314,9 @@ def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: in
     os.replace(tmp, final)
     for old in checkpoint_dirs(cfg.out_dir)[:-cfg.keep_checkpoints]:
         shutil.rmtree(old)
+    if (Path(cfg.out_dir) / "metrics.jsonl").exists():  # the curves a user looks at first, kept current
+        import report
+        report.save_training_png(cfg.out_dir)
     return final
 
 
