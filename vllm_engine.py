@@ -215,9 +215,9 @@ class VLLMEngine:
             self._cpu_notice()
             return
         self.llm.wake_up(tags=["weights"])
-        self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()
-        self.sleeping = False
+        if not self.llm.wake_up(tags=["kv_cache"]):  # vLLM resumes scheduling only when everything is resident
+            raise RuntimeError("vLLM did not wake up fully after sleep(level=1): weights or KV cache still offloaded")
+        self.sleeping = False  # (sleep cleared the prefix cache: its KV blocks were discarded)
 
     def _cpu_notice(self) -> None:
         if not self._cpu_sleep_notice_shown:
