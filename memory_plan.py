@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -203,7 +203,8 @@ def plan_rows(plan: Plan, groups: dict[str, int], lora: int, arch: Arch, hw: Har
         "vLLM KV cache": work.kv_cache_gib * GIB,
         "reserve (context, NCCL, fragmentation)": hw.reserve_gib * GIB,
     }
-    trainer_resident = sum(rows[k] for k in ("base weights (trainer)", "LoRA weights (fp32)", "AdamW state (fp32 m, v)"))
+    resident = ("base weights (trainer)", "LoRA weights (fp32)", "AdamW state (fp32 m, v)")
+    trainer_resident = sum(rows[k] for k in resident)
     vllm = rows["vLLM weights (bf16 + LoRA slot)"] + rows["vLLM KV cache"]
     rows["= during generation"] = trainer_resident + vllm + rows["reserve (context, NCCL, fragmentation)"]
     rows["= during training"] = (trainer_resident + rows["LoRA gradients (fp32)"] + rows["FSDP2 gather buffers"]
@@ -218,7 +219,8 @@ VLLM_WORKSPACE_GIB = 2.0  # vLLM's own activations / sampler buffers inside its 
 
 def gpu_memory_utilization(rows: dict, hw: Hardware) -> float:
     """The vLLM share of the GPU that holds its weights, the planned KV cache and its workspace."""
-    return (rows["vLLM weights (bf16 + LoRA slot)"] + rows["vLLM KV cache"] + VLLM_WORKSPACE_GIB * GIB) / (hw.gpu_gib * GIB)
+    vllm = rows["vLLM weights (bf16 + LoRA slot)"] + rows["vLLM KV cache"] + VLLM_WORKSPACE_GIB * GIB
+    return vllm / (hw.gpu_gib * GIB)
 
 
 def fits(rows: dict, hw: Hardware) -> bool:

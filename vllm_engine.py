@@ -40,6 +40,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine; read by vLLM when the LLM is created
@@ -80,6 +81,8 @@ class VLLMEngine:
         self.last_sync_s = 0.0  # seconds the latest sync took
         self._cpu_sleep_notice_shown = False
         self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="vllm_adapters_", dir=fast_tmp_dir())
+        if adapter_dir is None:  # ours, in RAM: removed with the engine or at exit
+            weakref.finalize(self, shutil.rmtree, self.adapter_dir, ignore_errors=True)
         start = time.perf_counter()
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, quantization=quantization, seed=seed + tp_index,
@@ -119,7 +122,8 @@ class VLLMEngine:
         requests, params = [], []
         for call_prompts, call_temperature, call_max_tokens, call_seed in calls:
             requests += [{"prompt_token_ids": list(p)} for p in call_prompts]
-            params += [self.sampling_params(call_temperature, call_max_tokens, None if call_seed is None else call_seed + i)
+            params += [self.sampling_params(call_temperature, call_max_tokens,
+                                            None if call_seed is None else call_seed + i)
                        for i in range(len(call_prompts))]
         if not requests:
             return []
@@ -173,7 +177,7 @@ class VLLMEngine:
 
     def sync_adapter(self, model) -> None:
         path = os.path.join(self.adapter_dir, f"policy-v{self.version + 1}")
-        save_adapter(model, path)
+        save_adapter(model, path, dtype=self.llm.llm_engine.model_config.dtype)  # vLLM computes LoRA in its dtype
         self.use_adapter(path)
 
     def use_adapter(self, path: str) -> None:
@@ -278,20 +282,23 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """The LoRA weights in peft's checkpoint names (what `save_pretrained` writes), gathered if sharded."""
+def adapter_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft's checkpoint names (what `save_pretrained` writes), gathered if sharded, on the
+    CPU, cast to `dtype` if given."""
     from peft import get_peft_model_state_dict
 
-    return {k: full_tensor(v).detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: full_tensor(v).detach().to("cpu", dtype or v.dtype).contiguous()
+            for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_adapter(model, path: str) -> None:
+def save_adapter(model, path: str, dtype: torch.dtype | None = None) -> None:
     """A standard peft adapter folder (adapter_config.json + adapter_model.safetensors), loadable by
-    `PeftModel.from_pretrained` and by vLLM's LoRA loader."""
+    `PeftModel.from_pretrained` and by vLLM's LoRA loader. dtype: e.g. the engine's bfloat16, half the bytes of
+    peft's float32 LoRA weights (642 M parameters with the experts of Qwen3-30B-A3B adapted)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(adapter_state_dict(model), os.path.join(path, "adapter_model.safetensors"))
+    save_file(adapter_state_dict(model, dtype), os.path.join(path, "adapter_model.safetensors"))
     model.peft_config["default"].save_pretrained(path)
 
 
@@ -305,7 +312,8 @@ def dequantized(param: torch.Tensor) -> torch.Tensor:
 
 
 def hf_name(peft_name: str) -> str:
-    """'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight' -> 'model.layers.0.self_attn.q_proj.weight'."""
+    """peft's 'base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight' -> the checkpoint's
+    'model.layers.0.self_attn.q_proj.weight'."""
     name = peft_name.removeprefix("base_model.model.")
     while ".base_layer" in name:
         name = name.replace(".base_layer", "")
@@ -409,7 +417,8 @@ class FreshnessProbe:
             if self.trainer_moved > self.min_move and self.engine_moved < 0.1 * self.trainer_moved:
                 raise StaleEngineError(
                     f"the trainer's probe scores moved by {self.trainer_moved:.4f} since the last check but the "
-                    f"engine's by only {self.engine_moved:.6f}: the engine missed the weight update (was sync() called?)")
+                    f"engine's by only {self.engine_moved:.6f}: the engine missed the weight update "
+                    f"(was sync() called?)")
         self.last_engine, self.last_trainer = engine, trainer
         return gap
 

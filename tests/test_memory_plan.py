@@ -97,12 +97,13 @@ WORKER = textwrap.dedent("""
     full = sum(p.numel() for p in m.parameters())
     memory_plan.shard_with_fsdp2(m)
     m(input_ids=x, labels=x).loss.backward()  # FSDP2 reduce-scatter averages over the ranks
-    grad_gap = max((p.grad.full_tensor() - want[n]).abs().max().item() for n, p in m.named_parameters() if p.requires_grad)
+    grad_gap = max((p.grad.full_tensor() - want[n]).abs().max().item()
+                   for n, p in m.named_parameters() if p.requires_grad)
     merged = dict(merged_hf_weights(m, dtype=torch.float32))
     adapter = adapter_state_dict(m)
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     out = dict(full=full, local=sum(p.to_local().numel() for p in m.parameters()), grad_gap=grad_gap,
-               merged_same=merged.keys() == want_merged.keys() and all(torch.equal(merged[k], want_merged[k]) for k in merged),
-               adapter_same=adapter.keys() == want_adapter.keys() and all(torch.equal(adapter[k], want_adapter[k]) for k in adapter))
+               merged_same=same(merged, want_merged), adapter_same=same(adapter, want_adapter))
     json.dump(out, open(sys.argv[2] + f"/rank{dist.get_rank()}.json", "w"))
     dist.destroy_process_group()
 """)

@@ -321,7 +321,8 @@ def test_chat_endpoint_against_a_real_vllm_server(tiny_model_dir, tmp_path):
                 break
             except Exception:
                 if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"vLLM server did not come up:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                    log_tail = (tmp_path / "server.log").read_text()[-3000:]
+                    raise AssertionError(f"vLLM server did not come up:\n{log_tail}")
                 time.sleep(1)
         msgs = [[{"role": "system", "content": "You are a seller."}, {"role": "user", "content": f"Offer ${p}"}]
                 for p in (10, 20, 30)]
