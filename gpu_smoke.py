@@ -89,7 +89,8 @@ def build_random_moe(out_dir: str, layers: int, experts: int, device: str) -> st
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    model_lib._save_tiny(model, tokenizer, out_dir)
+    model.save_pretrained(out_dir)  # per-expert tensors: the checkpoint layout vLLM reads
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
@@ -102,30 +103,36 @@ def chat_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
                                           tokenize=True, return_dict=True)["input_ids"] for u in users]
 
 
-def training_step(model, optimizer, prompts, gens, device, seed: int) -> float:
-    """One GRPO update on the buyer turns: groups of 4, random rewards, train.py's log-probs and loss."""
+def training_step(model, optimizer, prompts, gens, device, seed: int, rows_per_micro_batch: int = 8) -> float:
+    """One GRPO update on the buyer turns: groups of 4, random rewards, train.py's log-probs and loss, gradients
+    accumulated over micro-batches of rows (the logits of 151,936-word rows are the big activation)."""
     from train import group_advantages, policy_loss, token_logprobs
 
     g = torch.Generator().manual_seed(seed)
     n = len(gens) - len(gens) % 4
     adv = group_advantages(torch.rand(n, generator=g), 4)                                  # [n]
-    width = max(len(p) + len(x.token_ids) for p, x in zip(prompts[:n], gens[:n]))
-    ids = torch.zeros(n, width, dtype=torch.long)
-    attn, mask, old = (torch.zeros(n, width) for _ in range(3))
-    for i, (p, x) in enumerate(zip(prompts[:n], gens[:n])):
-        seq = p + x.token_ids
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attn[i, :len(seq)] = 1
-        mask[i, len(p):len(seq)] = 1                                  # the generated tokens (shifted below)
-        old[i, len(p):len(seq)] = torch.tensor(x.logprobs)
-    ids, attn = ids.to(device), attn.long().to(device)
     model.train()
-    logp, _ = token_logprobs(model, ids, attn, temperature=1.0)                              # [n, T-1]
-    loss = policy_loss(logp, old[:, 1:].to(device), adv.to(device), mask[:, 1:].to(device))              # scalar
-    loss.backward()
+    total = 0.0
+    starts = range(0, n, rows_per_micro_batch)
+    for start in starts:
+        rows = list(range(start, min(start + rows_per_micro_batch, n)))
+        width = max(len(prompts[i]) + len(gens[i].token_ids) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attn, mask, old = (torch.zeros(len(rows), width) for _ in range(3))
+        for j, i in enumerate(rows):
+            p, x = prompts[i], gens[i]
+            ids[j, :len(p) + len(x.token_ids)] = torch.tensor(p + x.token_ids)
+            attn[j, :len(p) + len(x.token_ids)] = 1
+            mask[j, len(p):len(p) + len(x.token_ids)] = 1                # generated tokens, in ids positions
+            old[j, len(p):len(p) + len(x.token_ids)] = torch.tensor(x.logprobs)
+        logp, _ = token_logprobs(model, ids.to(device), attn.long().to(device), temperature=1.0)    # [b, T-1]
+        # logp[:, t] scores ids[:, t+1]: shift the mask and the engine log-probs by one
+        loss = policy_loss(logp, old[:, 1:].to(device), adv[rows].to(device), mask[:, 1:].to(device))  # scalar
+        (loss / len(starts)).backward()
+        total += loss.item() / len(starts)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return total
 
 
 def main(argv=None) -> None:
