@@ -473,7 +473,7 @@ class LLMPlayer:
         live = [i for i, c in enumerate(convs) if len(c.ids) + self.max_tokens <= self.max_context]
         seed = None if self.seed is None else self.seed + self.calls
         self.calls += 1
-        if live:
+        if live or getattr(self.engine, "lockstep", False):  # a tensor-parallel engine needs every call
             outs = self.engine.generate([convs[i].ids for i in live], temperature=self.temperature,
                                         max_tokens=self.max_tokens, adapter=self.adapter, seed=seed)
             for i, out in zip(live, outs):
@@ -603,18 +603,24 @@ class ScriptedBuyer:
 # The lockstep runner
 
 
-def play(scenarios: list[Scenario], buyer, seller, max_rounds: int = 6, on_round=None) -> list[Game]:
+def play(scenarios: list[Scenario], buyer, seller, max_rounds: int = 6, on_round=None,
+         any_pending=None) -> list[Game]:
     """Play one episode per scenario, all in lockstep: every pending buyer reply in one batch, then every pending
-    seller reply in one batch. Returns the games (outcome, transcript, and each LLM player's Conversation)."""
+    seller reply in one batch. Returns the games (outcome, transcript, and each LLM player's Conversation).
+
+    any_pending(flag) -> bool, when given, ORs `flag` over the processes that share one engine (a tensor-parallel
+    group): each must call the engine equally often, so a process whose games are over keeps replying to an
+    empty batch until every process in its group is done."""
     games = [Game(Negotiation(s, max_rounds), index=i) for i, s in enumerate(scenarios)]
+    sync = any_pending or bool
     while True:
         pending = [g for g in games if not g.done]
-        if not pending:
+        if not sync(bool(pending)):
             break
         for g, text in zip(pending, buyer.reply(pending)):
             g.negotiation.buyer_says(text)
         pending = [g for g in pending if not g.done]
-        if pending:
+        if any_pending is not None or pending:
             for g, text in zip(pending, seller.reply(pending)):
                 g.negotiation.seller_says(text)
         if on_round is not None:

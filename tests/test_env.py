@@ -420,3 +420,20 @@ def test_llm_buyer_keeps_generated_ids_verbatim_with_template_context(tiny_model
     masked = [i for i, m in zip(conv.ids, conv.mask) if m]
     assert masked == out0.token_ids + out1.token_ids
     assert texts2[0] == out1.text
+
+
+def test_play_keeps_calling_players_with_empty_batches_while_another_rank_is_busy(scenarios):
+    """With any_pending (a tensor-parallel group's OR over ranks), a rank whose games are over keeps calling its
+    players with empty batches, so every rank drives the shared engine equally often; outcomes are unchanged."""
+    calls = []
+
+    class Counting(env.ScriptedBuyer):
+        def reply(self, games):
+            calls.append(len(games))
+            return super().reply(games)
+    plain = env.play(scenarios[:8], env.ScriptedBuyer(), env.ScriptedSeller("linear"))
+    extra = iter([True] * 3)
+    games = env.play(scenarios[:8], Counting(), env.ScriptedSeller("linear"),
+                     any_pending=lambda mine: mine or next(extra, False))
+    assert [g.outcome.reward for g in games] == [g.outcome.reward for g in plain]
+    assert calls[-3:] == [0, 0, 0] and all(n > 0 for n in calls[:-3])
