@@ -32,6 +32,7 @@ SCRIPTED_STRATEGIES = ("boulware", "linear", "conceder", "hardliner")  # env.Scr
 STYLES = ("full", "compact", "ladder")
 ENGINES = ("hf", "vllm")
 SYNC_STRATEGIES = ("adapter", "merged")  # vllm_engine.SYNC_STRATEGIES
+SHARDINGS = ("none", "fsdp2")
 LOSS_AGGS = ("token", "seq", "dr_grpo")
 ADV_SCALES = ("none", "std")
 
@@ -80,6 +81,7 @@ class EngineConfig:
     sync_strategy: str = "adapter"  # vllm: "adapter" (load the LoRA folder; base serves the seller) | "merged"
     quantization: str = ""  # vllm: its own weight quantization, e.g. "bitsandbytes" ("" = the checkpoint's dtype)
     sleep: bool = True  # vllm on GPU: free its memory while the trainer runs (sleep mode level 1)
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (world_size / this engines); >1 splits the weights
 
 
 @dataclass
@@ -101,6 +103,7 @@ class TrainConfig:
     kl_coef: float = 0.0  # weight of the k3 KL to the base model (adapter off); 0 = no reference forward at all
     tis_cap: float = 0.0  # truncated importance sampling: weight min(p_trainer / p_engine, cap); 0 = off
     max_bad_updates: int = 3  # stop after this many consecutive updates skipped for NaN/inf loss or gradients
+    sharding: str = "none"  # "none": every rank holds the whole model | "fsdp2": base, LoRA, AdamW sharded over ranks
 
 
 @dataclass
@@ -187,6 +190,18 @@ class Config:
             need(s.kind != "llm", "engine.sync_strategy",
                  "a merged engine holds the policy, so it cannot also be the base-model seller: use adapter, "
                  "or a scripted / chat seller")
+        need(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1 (1 = one engine per rank)")
+        if e.tensor_parallel_size > 1:
+            need(e.kind == "vllm", "engine.tensor_parallel_size",
+                 "tensor parallelism needs engine.kind=vllm; use 1 with the hf engine")
+            need(world_size % e.tensor_parallel_size == 0, "engine.tensor_parallel_size",
+                 f"must divide the {world_size} rank(s) (one GPU each): use a divisor of {world_size}, or launch "
+                 f"torchrun --nproc_per_node with a multiple of {e.tensor_parallel_size}")
+            if ev.episodes_per_product > 0:  # the ranks of one engine must play as many evaluation batches
+                n = ev.products or d.test_size
+                need(n % world_size == 0, "eval.products",
+                     f"{n} evaluation products do not divide over {world_size} ranks; with "
+                     f"engine.tensor_parallel_size > 1 set eval.products to a multiple of {world_size}")
         need(t.steps >= 1, "train.steps", "must be >= 1")
         need(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive finite number (the paper: 3e-5)")
         need(t.warmup_updates >= 0, "train.warmup_updates", "must be >= 0")
@@ -204,6 +219,11 @@ class Config:
         need(t.kl_coef >= 0, "train.kl_coef", "must be >= 0 (0 = no KL, the paper)")
         need(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", "use 0 (off) or a cap >= 1, e.g. 2.0")
         need(t.max_bad_updates >= 1, "train.max_bad_updates", "must be >= 1")
+        need(t.sharding in SHARDINGS, "train.sharding", f"use one of {SHARDINGS}")
+        if t.sharding == "fsdp2":
+            need(self.model.quantization == "none", "train.sharding",
+                 f"fsdp2 shards a bf16/fp32 base; it does not shard bitsandbytes 4-bit weights "
+                 f"(model.quantization={self.model.quantization!r}): set model.quantization=none, or train.sharding=none")
         need(ev.episodes_per_product >= 0, "eval.episodes_per_product", "must be >= 0 (0 = no final evaluation)")
         need(ev.products >= 0, "eval.products", "must be >= 0 (0 = the whole test split)")
         need(ev.buyer_temperature >= 0, "eval.buyer_temperature", "must be >= 0")

@@ -4,6 +4,7 @@
     python train.py configs/cpu.yaml                                     # the CPU run that learns (minutes)
     torchrun --nproc_per_node 2 train.py configs/tiny.yaml model.name=runs/tiny-model   # 2 ranks, gloo on CPU
     torchrun --nproc_per_node 8 train.py config.yaml                     # the paper's run: Qwen3-30B-A3B, 8 GPUs
+    torchrun --nproc_per_node 2 train.py configs/tiny.yaml model.name=runs/tiny-model train.sharding=fsdp2  # FSDP2
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py config.yaml \
         world_size=16                                                    # two nodes: torchrun's own multi-node
     python train.py config.yaml train.lr=1e-5 out_dir=runs/lr1e-5        # any field: dotted key=value (config.py)
@@ -39,6 +40,16 @@ Deliberate choices:
 - Data parallel by hand instead of a DDP wrapper: rank 0's initial LoRA weights are broadcast, and after the
   backward passes one all_reduce sums the flat LoRA gradient. It is DDP's arithmetic, visible here, and works
   with any number of micro-batches per rank. Every checkpoint checks that the replicas are still identical.
+- train.sharding=fsdp2 (the 30B plan, memory_plan.py): FSDP2 shards the bf16 base, the LoRA weights and AdamW
+  over the ranks, one unit per decoder layer. Its reduce-scatter SUMS the gradients (divide factor 1), the same
+  arithmetic as the manual all-reduce, so the loss normalisation is identical: each micro-batch's loss is
+  weighted by its share of the whole step over all ranks (e.g. buyer tokens / all buyer tokens). Every forward
+  and backward gathers weights from all ranks, so ranks with fewer micro-batches run empty ones. The adapter is
+  gathered into full tensors for checkpoints (standard peft folder) and for the vLLM sync; the AdamW state is
+  gathered into trainer.pt on rank 0. With engine.kind=hf every rank gathers the whole model for the rollouts
+  (its generation runs a different number of forwards per rank): fine for small models, not for the 30B.
+- engine.tensor_parallel_size > 1 (vLLM): each group of that many ranks is one engine; its ranks OR "still
+  playing" over the group every round (env.play's any_pending), so that all of them call generate as often.
 - Rollout sampling seeds depend only on (seed, step, rank), and each step's products only on (seed, step):
   a resumed run replays exactly what the uninterrupted run would have done.
 - A NaN/inf loss or gradient skips the update (weights and Adam moments untouched) and is logged;
@@ -58,6 +69,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +81,7 @@ import data
 import env
 import reward
 from config import ConfigError, load_config, save_config
+from vllm_engine import full_tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,14 +238,22 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_max(t: torch.Tensor) -> torch.Tensor:
+def all_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
 
-def any_rank(flag: bool, device) -> bool:
-    return bool(all_max(torch.tensor([float(flag)], device=device)).item())
+def any_rank(flag: bool, device, group=None) -> bool:
+    """`flag` ORed over all ranks (or over the ranks of `group`)."""
+    return bool(all_max(torch.tensor([float(flag)], device=device), group).item())
+
+
+def engine_any_pending(engine, device):
+    """env.play's any_pending for a tensor-parallel vLLM engine: "still playing" ORed over the ranks of its group,
+    so that every one of them calls generate equally often. None for an engine of one rank."""
+    group = getattr(engine, "tp_group", None)
+    return None if group is None else (lambda flag: any_rank(flag, device, group))
 
 
 def gather_objects(obj) -> list:
@@ -268,6 +289,67 @@ def step_products(train: list[data.Scenario], step: int, n: int, seed: int) -> l
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sharding (train.sharding=fsdp2): FSDP2 instead of identical replicas
+
+
+def shard(model):
+    """FSDP2 over all ranks, one unit per decoder layer (memory_plan.shard_with_fsdp2). The gradients are
+    reduce-scattered as a plain SUM (divide factor 1, no pre-scaling: gloo has no PREMUL_SUM), the arithmetic of
+    the manual all-reduce: each rank's loss is already weighted by its share of the global batch."""
+    import memory_plan
+    memory_plan.shard_with_fsdp2(model)
+    for m in fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    return bool(fsdp_modules(model))
+
+
+@contextmanager
+def full_weights(model):
+    """Every rank gathers the whole model (one all-gather per FSDP unit) and keeps it until the block ends, so
+    that forward passes run without collectives: the HF engine's generation makes a different number of them on
+    each rank. Each rank then holds the full weights, as without sharding: fine for small models and tests, not
+    for the 30B (use engine.kind=vllm there)."""
+    modules = fsdp_modules(model)
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:  # back to FSDP2's defaults: layers free their weights after forward, the root keeps its
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+def generation_weights(cfg, model):
+    """The context rollouts and evaluations run in: the gathered model for the HF engine on a sharded trainer."""
+    return full_weights(model) if cfg.engine.kind == "hf" and is_sharded(model) else nullcontext()
+
+
+def padded_for_all_ranks(batches: list[MicroBatch], model, pad_id: int, device) -> list[MicroBatch]:
+    """Under FSDP2 every forward and backward gathers each layer's weights from all ranks, so every rank runs as
+    many micro-batches: shorter lists get empty ones (no rows, one padding token pair, mask 0). Unchanged
+    without sharding."""
+    if not is_sharded(model):
+        return batches
+    n = int(all_max(torch.tensor([len(batches)], device=device)).item())
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+    zeros = torch.zeros(1, 1, device=device)
+    empty = MicroBatch([], ids, torch.ones_like(ids), zeros, zeros)
+    return batches + [empty] * (n - len(batches))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: step_NNNNNN/{adapter/, trainer.pt, config.yaml}, written to a .tmp folder then renamed.
 
 
@@ -292,22 +374,30 @@ def checkpoint_dirs(out_dir: str) -> list[Path]:
 
 
 def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: int) -> Path | None:
-    """Collective (every rank passes its RNG state); rank 0 writes."""
+    """Collective (every rank gathers the adapter and passes its RNG state; FSDP2 gathers AdamW); rank 0 writes."""
+    from safetensors.torch import save_file
+    from vllm_engine import adapter_state_dict
+
     rngs = gather_objects(rng_state())
-    checksums = gather_objects(sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad))
+    adapter = adapter_state_dict(model)  # peft's names, full tensors on every rank (all-gathered under FSDP2)
+    optim = optimizer_state(model, optimizer)
+    checksums = gather_objects(sum(v.double().sum().item() for v in adapter.values()))
     if len(set(checksums)) > 1:  # the gradient sync keeps replicas identical; if not, no checkpoint can be right
         raise RuntimeError(f"ranks hold different LoRA weights at step {step} (checksums {checksums})")
+    # (Under FSDP2 the ranks hold different shards by design; the check then compares the gathered adapters.)
     if rank() != 0:
         return None
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+    if not all(torch.isfinite(v).all() for v in adapter.values()):
         raise RuntimeError(f"refusing to checkpoint step {step}: the LoRA weights hold NaN/inf")
     final = Path(cfg.out_dir) / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "adapter")  # standard peft folder: PeftModel.from_pretrained / vLLM LoRA
+    (tmp / "adapter").mkdir(parents=True)  # standard peft folder: PeftModel.from_pretrained / vLLM LoRA
+    save_file(adapter, tmp / "adapter" / "adapter_model.safetensors")
+    model.peft_config["default"].save_pretrained(str(tmp / "adapter"))
     torch.save({"step": step, "data_position": step * cfg.rollout.products_per_step, "world_size": world(),
-                "bad_updates": bad_updates, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rngs}, tmp / "trainer.pt")
+                "sharded": is_sharded(model), "bad_updates": bad_updates, "optimizer": optim,
+                "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "trainer.pt")
     save_config(cfg, tmp / "config.yaml")
     if final.exists():  # the same step saved again (a stop right after a periodic save)
         shutil.rmtree(final)
@@ -333,21 +423,55 @@ def find_resume_checkpoint(cfg) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if state["world_size"] != world():
         raise SystemExit(f"{path} was written by {state['world_size']} rank(s), this run has {world()}: resume with "
                          f"torchrun --nproc_per_node {state['world_size']} (the per-rank RNG and data shares differ)")
-    device = next(model.parameters()).device
-    result = set_peft_model_state_dict(model, load_peft_weights(str(path / "adapter"), device=str(device)))
-    if getattr(result, "unexpected_keys", None):
-        raise SystemExit(f"{path}/adapter does not fit this model (unexpected {result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != is_sharded(model):
+        was = "fsdp2" if state.get("sharded") else "none"
+        raise SystemExit(f"{path} was written with train.sharding={was} (its AdamW state is stored that way): "
+                         f"resume with train.sharding={was}")
+    load_adapter(model, path / "adapter")
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank()])
     return state
+
+
+def load_adapter(model, folder: Path) -> None:
+    """A peft adapter folder into the model's LoRA weights, every one of them, also when FSDP2 shards them (each
+    rank keeps its slice of the full tensor)."""
+    from peft.utils import load_peft_weights
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    saved = load_peft_weights(str(folder), device="cpu")  # peft's names: the model's, without the adapter name
+    params = {name.replace(".default", ""): p for name, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != params.keys():
+        raise SystemExit(f"{folder} does not fit this model's LoRA weights (in the folder only: "
+                         f"{sorted(saved.keys() - params.keys())[:3]}; missing: {sorted(params.keys() - saved.keys())[:3]})")
+    with torch.no_grad():
+        for key, p in params.items():
+            full = saved[key].to(p.device, p.dtype)
+            if isinstance(p, DTensor):  # every rank has the full tensor: slice locally, no communication
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(full)
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """AdamW's state for trainer.pt: optimizer.state_dict() without sharding; under FSDP2 gathered into full
+    tensors (keyed by parameter name) on rank 0, a collective."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    # Every rank read the full state from trainer.pt and keeps its shard of it.
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def prepare_run_dir(cfg) -> None:
@@ -392,7 +516,8 @@ def build_engine(cfg, model, tokenizer):
     return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype,
                       gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                       max_lora_rank=cfg.model.lora_r, max_num_seqs=e.max_num_seqs, seed=cfg.seed,
-                      quantization=e.quantization or None, enforce_eager=e.enforce_eager)
+                      quantization=e.quantization or None, enforce_eager=e.enforce_eager,
+                      tensor_parallel_size=e.tensor_parallel_size)
 
 
 def build_seller(cfg, engine, endpoint, seed: int):
@@ -499,9 +624,14 @@ def on_signal(signum, frame) -> None:
           file=sys.stderr, flush=True)
 
 
-def abandon_if_stopping(games) -> None:
-    if STOP["signal"] is not None:
-        raise Abandon()
+def abandon_if_stopping(any_pending=None):
+    """env.play's on_round: raise Abandon once a stop signal arrived. Ranks that share a tensor-parallel engine
+    decide together (any_pending ORs over them), so that none is left waiting in generate."""
+    def on_round(games) -> None:
+        stopping = STOP["signal"] is not None
+        if any_pending(stopping) if any_pending is not None else stopping:
+            raise Abandon()
+    return on_round
 
 
 def reduce_stats(sums: dict, maxes: dict, device) -> tuple[dict, dict]:
@@ -525,7 +655,8 @@ def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
     t, temperature = cfg.train, cfg.rollout.buyer_temperature
     old, ref = [None] * len(convs), [None] * len(convs)
     model.train()  # the mode of the update's forward, so that the first update's ratio is exactly 1
-    for mb in micro_batches(convs, list(range(len(convs))), t.micro_batch_tokens, pad_id, device):
+    batches = micro_batches(convs, list(range(len(convs))), t.micro_batch_tokens, pad_id, device)
+    for mb in padded_for_all_ranks(batches, model, pad_id, device):  # (an empty one adds nothing below)
         logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, with_entropy=True)     # [B, T-1]
         if t.kl_coef > 0:
             with model.disable_adapter():  # the reference: the frozen base model
@@ -559,7 +690,10 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
     model.train()
     for p in params:  # a gradient buffer for every LoRA tensor, so that the flat all_reduce below always lines up
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    for mb in batches:
+    for mb in padded_for_all_ranks(batches, model, pad_id, device):
+        if not mb.rows:  # FSDP2 padding: a forward and backward that change nothing keep the ranks in step
+            (token_logprobs(model, mb.ids, mb.attn, temperature)[0].sum() * 0).backward()
+            continue
         width = mb.mask.shape[1]
         logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature)                            # [B, T-1]
         old_logp = rows_of(old, mb.rows, width, device)                                          # [B, T-1]
@@ -588,11 +722,14 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
                 maxes["ratio_max"] = max(maxes.get("ratio_max", 0.0), ratio.max().item())
                 maxes["inv_ratio_max"] = max(maxes.get("inv_ratio_max", 0.0), (1 / ratio).max().item())
     # Gradient sync, by hand: every rank holds the gradient of its weighted share; their sum is the batch's.
-    grads = [p.grad for p in params]
-    flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
-    for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(synced.view_as(g))
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf")).item()
+    # (FSDP2 did the same sum during backward, reduce-scattering each layer's gradients as it went.)
+    if not is_sharded(model):
+        grads = [p.grad for p in params]
+        flat = all_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(synced.view_as(g))
+    norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+    grad_norm = full_tensor(norm).item()  # FSDP2: a replicated DTensor, the norm over all shards
     loss_total = all_sum(torch.tensor([loss_sum], dtype=torch.float64, device=device)).item()
     add(stats, loss=loss_total / world())  # summed over ranks once more in reduce_stats
     skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_total))
@@ -628,7 +765,7 @@ def step_metrics(step, episodes, stats, maxes, grad_norms, skipped, times, sched
 # Final held-out evaluation (eval.py's evaluate: the same env, rules and reward as training)
 
 
-def evaluate_policy(cfg, engine, test, name: str, adapter: bool, seller_endpoint) -> dict:
+def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_endpoint) -> dict:
     """Every rank plays its share of the test products; returns eval.summarize_with_ci over all of them. "before"
     and "after" play under the same labels, hence the same sampling seeds (a paired comparison)."""
     import eval as evaluation
@@ -644,20 +781,23 @@ def evaluate_policy(cfg, engine, test, name: str, adapter: bool, seller_endpoint
     seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
     path = Path(cfg.out_dir) / f"eval_{name}_rank{rank()}.jsonl"
     path.unlink(missing_ok=True)  # a fresh evaluation: never mix with one an earlier attempt left behind
-    records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=ev.episodes_per_product,
-                                  max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size,
-                                  buyer_name="scripted" if name == "scripted" else "policy",
-                                  seller_name=cfg.seller.kind, persona=cfg.seller.persona, seed=ev.seed + rank(),
-                                  out_path=path, progress=cfg.log.progress and rank() == 0) if mine else []
+    with generation_weights(cfg, model):
+        records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=ev.episodes_per_product,
+                                      max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size,
+                                      buyer_name="scripted" if name == "scripted" else "policy",
+                                      seller_name=cfg.seller.kind, persona=cfg.seller.persona, seed=ev.seed + rank(),
+                                      out_path=path, progress=cfg.log.progress and rank() == 0,
+                                      any_pending=engine_any_pending(engine, next(model.parameters()).device)
+                                      ) if mine else []
     everything = [r for part in gather_objects(records) for r in part]
     return evaluation.summarize_with_ci(everything) | {"episodes": len(everything)}
 
 
-def final_evaluation(cfg, engine, test, seller_endpoint, before: dict | None) -> dict:
+def final_evaluation(cfg, model, engine, test, seller_endpoint, before: dict | None) -> dict:
     """{"before", "after", "scripted"} summaries; "before" was measured at step 0 (kept in eval_before.json)."""
-    result = {"before": before, "after": evaluate_policy(cfg, engine, test, "after", True, seller_endpoint)}
+    result = {"before": before, "after": evaluate_policy(cfg, model, engine, test, "after", True, seller_endpoint)}
     if cfg.eval.scripted:
-        result["scripted"] = evaluate_policy(cfg, engine, test, "scripted", False, seller_endpoint)
+        result["scripted"] = evaluate_policy(cfg, model, engine, test, "scripted", False, seller_endpoint)
     if rank() == 0:
         (Path(cfg.out_dir) / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
         keys = ("episodes", "reward", "deal_rate", "bargained_ratio", "overshoot_rate", "protocol_violation_rate",
@@ -721,12 +861,17 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model, optimiser, engine, seller ----------------------------------------------------------------------
     import model as model_lib
     model, tokenizer = model_lib.load_policy(cfg.model, str(device), verbose=rank() == 0)
-    params = [p for p in model.parameters() if p.requires_grad]
     if dist.is_initialized():  # identical replicas from the start, whatever the loader did (as DDP does)
-        for p in params:
-            dist.broadcast(p.data, src=0)
-    seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
     t = cfg.train
+    if t.sharding == "fsdp2" and world() > 1:  # the bf16 base, LoRA and AdamW sharded over the ranks
+        shard(model)
+    elif t.sharding == "fsdp2":
+        print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
+    params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: this rank's shards (DTensors)
+    seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: min(1.0, (u + 1) / t.warmup_updates) if t.warmup_updates else 1.0)
@@ -747,6 +892,7 @@ def main(argv: list[str] | None = None) -> dict:
         endpoint.check()
     logs = Loggers(cfg, start_step)
     pad_id = tokenizer.pad_token_id
+    any_pending = engine_any_pending(engine, device)  # None unless ranks share a tensor-parallel engine
 
     before = None
     if cfg.eval.episodes_per_product > 0:  # the starting policy, measured once and kept for resumed runs
@@ -754,7 +900,7 @@ def main(argv: list[str] | None = None) -> dict:
         if start_step == 0 or not path.exists():
             if start_step > 0:
                 print0("note: no eval_before.json in the run folder; 'before' is measured on the resumed policy")
-            before = evaluate_policy(cfg, engine, test, "before", True, endpoint)
+            before = evaluate_policy(cfg, model, engine, test, "before", True, endpoint)
             if rank() == 0:
                 path.write_text(json.dumps(before, indent=2) + "\n")
         else:
@@ -773,8 +919,9 @@ def main(argv: list[str] | None = None) -> dict:
         seed = rollout_seed(cfg.seed, step, rank())
         buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500)
         try:
-            games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
-                             on_round=abandon_if_stopping)
+            with generation_weights(cfg, model):  # HF engine on a sharded trainer: the whole model on every rank
+                games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
+                                 on_round=abandon_if_stopping(any_pending), any_pending=any_pending)
             abandoned = False
         except Abandon:
             abandoned = True
@@ -829,6 +976,8 @@ def main(argv: list[str] | None = None) -> dict:
         stats, maxes = reduce_stats(stats, maxes, device)
         episodes = [e for part in gather_objects([episode_stats(g.outcome) for g in games]) for e in part]
         metrics = step_metrics(step + 1, episodes, stats, maxes, grad_norms, skipped, times, scheduler, device, cfg)
+        metrics |= {"probe_trainer_moved": getattr(probe, "trainer_moved", None),  # how far each side's scores
+                    "probe_engine_moved": getattr(probe, "engine_moved", None)}   # of the probe moved this step
         transcripts = [{"step": step + 1, "group": k, "advantage": adv[k * G].item()} | games[k * G].outcome.to_dict()
                        for k in range(min(cfg.log.transcripts_per_step, per_rank))]
         logs.log(metrics, transcripts)
@@ -847,7 +996,7 @@ def main(argv: list[str] | None = None) -> dict:
         leave_process_group(cfg, world_size)
         sys.exit(128 + STOP["signal"])
     if cfg.eval.episodes_per_product > 0:
-        metrics["final_eval"] = final_evaluation(cfg, engine, test, endpoint, before)
+        metrics["final_eval"] = final_evaluation(cfg, model, engine, test, endpoint, before)
     leave_process_group(cfg, world_size)
     return metrics
 

@@ -214,6 +214,27 @@ def test_batch_that_does_not_divide_over_ranks_fails_with_a_multiple():
         config.load_config(str(ROOT / "config.yaml")).validate(4)
 
 
+@pytest.mark.parametrize("overrides, world, message", [
+    (["train.sharding=zero"], 1, "train.sharding='zero': use one of ('none', 'fsdp2')"),
+    (["train.sharding=fsdp2", "model.quantization=4bit"], 2, "set model.quantization=none"),
+    (["engine.tensor_parallel_size=0"], 1, "engine.tensor_parallel_size=0: must be >= 1"),
+    (["engine.tensor_parallel_size=2"], 2, "engine.tensor_parallel_size=2: tensor parallelism needs engine.kind=vllm"),
+    (["engine.kind=vllm", "engine.tensor_parallel_size=4"], 2, "must divide the 2 rank(s)"),
+    (["engine.kind=vllm", "engine.tensor_parallel_size=2", "eval.episodes_per_product=1", "eval.products=5"], 2,
+     "eval.products=5: 5 evaluation products do not divide over 2 ranks"),
+])
+def test_sharding_and_tensor_parallel_settings_are_checked(overrides, world, message):
+    cfg = config.load_config(TINY, ["model.name=x", *overrides])
+    with pytest.raises(config.ConfigError) as e:
+        cfg.validate(world)
+    assert message in str(e.value)
+    ok = config.load_config(TINY, ["model.name=x", "train.sharding=fsdp2", "engine.kind=vllm",
+                                   "engine.tensor_parallel_size=2", "eval.episodes_per_product=1", "eval.products=4"])
+    ok.validate(2)
+    prod = config.load_config(str(ROOT / "config.yaml"))  # the shipped plan: bf16 + FSDP2, vLLM TP 2 (memory_plan.py)
+    assert (prod.model.quantization, prod.train.sharding, prod.engine.tensor_parallel_size) == ("none", "fsdp2", 2)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = config.load_config(str(ROOT / "config.yaml"), ["train.lr=1e-6", "model.lora_r=8"])
     config.save_config(cfg, tmp_path / "resolved.yaml")
@@ -430,11 +451,27 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits(talking_model_dir, tmp_pa
     assert int(ckpt.name.split("_")[1]) in (steps_logged, steps_logged - 1) and (ckpt / "adapter").is_dir()
 
 
-def test_torchrun_two_processes_on_cpu(talking_model_dir, tmp_path):
-    out = tmp_path / "ddp"
-    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false", torchrun=True,
-                timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+# micro_batch_tokens=230: at step 1 one rank packs its episodes into 5 micro-batches and the other into 6 (seen on
+# the reference machine), so the FSDP2 run also exercises its empty padding micro-batches.
+TWO_RANKS = ("log.progress=false", "train.micro_batch_tokens=230")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(talking_model_dir, tmp_path_factory):
+    """The same 2-step, 2-process run twice: replicas with the gradient all-reduced by hand, and FSDP2 (HF engine
+    on the gathered weights). {"none": out_dir, "fsdp2": out_dir}."""
+    runs = {}
+    for sharding in ("none", "fsdp2"):
+        out = tmp_path_factory.mktemp(f"two_ranks_{sharding}") / "run"
+        r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", *TWO_RANKS,
+                    f"train.sharding={sharding}", torchrun=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[sharding] = out
+    return runs
+
+
+def test_torchrun_two_processes_on_cpu(two_rank_runs):
+    out = two_rank_runs["none"]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["episodes"] == 16 for m in metrics)  # 2 products x 4 episodes on each of 2 ranks, gathered
@@ -456,3 +493,57 @@ def test_vllm_engine_run_syncs_every_step(talking_model_dir, tmp_path):
     for m in metrics:
         assert m["probe_gap"] is not None and m["probe_gap"] < 1e-3
         assert m["logp_diff_abs_max"] < 1e-3 and m["grad_norm"] > 0
+    # how far the probe's scores moved since the previous check: nothing to compare with at step 1
+    assert metrics[0]["probe_trainer_moved"] is None and metrics[0]["probe_engine_moved"] is None
+    assert metrics[1]["probe_trainer_moved"] > 1e-3
+    assert metrics[1]["probe_engine_moved"] == pytest.approx(metrics[1]["probe_trainer_moved"], abs=1e-3)
+
+
+def test_fsdp2_gives_the_same_steps_as_replicas(two_rank_runs):
+    """FSDP2's reduce-scatter sums like the manual all-reduce and the loss has the same denominator (all buyer
+    tokens of the step over both ranks), so the first step is the same up to float rounding; the second too (the
+    rollouts of step 2 depend on the step-1 update)."""
+    replicas, sharded = (read_jsonl(two_rank_runs[k] / "metrics.jsonl") for k in ("none", "fsdp2"))
+    assert [m["step"] for m in sharded] == [1, 2]
+    for a, b in zip(replicas, sharded):
+        assert a["grad_norm"] > 0 and (a["reward"], a["tokens_trained"]) == (b["reward"], b["tokens_trained"])
+        for key in ("loss", "grad_norm", "entropy", "kl_old", "clip_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_fsdp2_checkpoint_is_a_standard_peft_adapter(two_rank_runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = two_rank_runs["fsdp2"] / "step_000002"
+    cfg = config.load_config(str(ckpt / "config.yaml"))
+    assert cfg.train.sharding == "fsdp2"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name), str(ckpt / "adapter"))
+    sharded = {n: p.detach() for n, p in loaded.named_parameters() if "lora_" in n}
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name),
+                                          str(two_rank_runs["none"] / "step_000002" / "adapter"))
+    replicas = {n: p.detach() for n, p in reference.named_parameters() if "lora_" in n}
+    assert sharded.keys() == replicas.keys() and len(sharded) == 16  # 2 layers x q, k, v, o x A, B: full tensors
+    assert any(p.abs().sum() > 0 for n, p in sharded.items() if "lora_B" in n)  # trained, not the init
+    for n in sharded:
+        torch.testing.assert_close(sharded[n], replicas[n], rtol=1e-4, atol=1e-6)
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    assert state["sharded"] and len(state["optimizer"]["state"]) == 16  # AdamW gathered, by parameter name
+
+
+def test_fsdp2_resume_gives_the_same_next_step(two_rank_runs, talking_model_dir, tmp_path):
+    out = two_rank_runs["fsdp2"]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "step_000001", resumed / "step_000001")  # as if killed after step 1
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={resumed}", *TWO_RANKS, "train.sharding=fsdp2",
+                torchrun=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    (uninterrupted,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 2]
+    (after_resume,) = read_jsonl(resumed / "metrics.jsonl")
+    assert deterministic(after_resume) == deterministic(uninterrupted)
+    a = torch.load(out / "step_000002" / "trainer.pt", weights_only=False)["optimizer"]["state"]
+    b = torch.load(resumed / "step_000002" / "trainer.pt", weights_only=False)["optimizer"]["state"]
+    for k, v in a.items():
+        torch.testing.assert_close(b[k]["exp_avg"], v["exp_avg"], rtol=0, atol=0)
