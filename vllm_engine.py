@@ -75,6 +75,7 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(tokenizer)
         self.on_gpu = torch.cuda.is_available()
         self.tp_group, tp_index = make_tp_group(tensor_parallel_size)
+        self.lockstep = tensor_parallel_size > 1  # env.LLMPlayer: call generate even with nothing to generate
         self.version = 0  # weight versions loaded so far (syncs + use_adapter calls); the current LoRA id
         self.lora_request = None  # the current policy adapter ("adapter" strategy)
         self.sleeping = False
