@@ -120,13 +120,15 @@ def drop_partial_tail(path) -> None:
 
 def evaluate(buyer, seller, scenarios: list[data.Scenario], *, episodes_per_product: int = 4, max_rounds: int = 6,
              batch_size: int = 64, buyer_name: str = "buyer", seller_name: str = "seller", persona: str = "neutral",
-             seed: int | None = 0, out_path=None, resume: bool = False, progress: bool = True) -> list[dict]:
+             seed: int | None = 0, out_path=None, resume: bool = False, progress: bool = True,
+             any_pending=None) -> list[dict]:
     """Play every (product, episode) of one matchup; return one record per episode, in product-major order.
 
     buyer / seller: env players (LLMPlayer, ChatPlayer, ScriptedBuyer, ScriptedSeller). The names and persona
     only label the records (the seller player already carries its persona). out_path: append each finished
     episode to this JSONL as it finishes. resume: skip episodes of this matchup already there (errored ones are
-    played again). seed: None leaves LLM players' own seeds alone (not repeatable chunk by chunk).
+    played again). seed: None leaves LLM players' own seeds alone (not repeatable chunk by chunk). any_pending:
+    passed to env.play (ranks that share a tensor-parallel engine; each must have as many chunks).
     """
     if episodes_per_product < 1 or batch_size < 1 or not scenarios:
         raise ValueError(f"need episodes_per_product >= 1, batch_size >= 1 and some scenarios; got "
@@ -169,7 +171,7 @@ def evaluate(buyer, seller, scenarios: list[data.Scenario], *, episodes_per_prod
                         out.flush()
                     bar.update(1)
 
-            env.play([s for s, _ in chunk], b, sl, max_rounds=max_rounds, on_round=on_round)
+            env.play([s for s, _ in chunk], b, sl, max_rounds=max_rounds, on_round=on_round, any_pending=any_pending)
     finally:
         bar.close()
         if out is not None:
@@ -557,13 +559,8 @@ def load_engine(args, base_model: str, buyers: list[dict]):
 
 def select_adapter(engine, buyer: dict) -> None:
     """Make this buyer's adapter the one adapter=True generation uses."""
-    if hasattr(engine, "llm"):  # VLLMEngine: point its policy LoRARequest at the checkpoint's adapter folder
-        from vllm.lora.request import LoRARequest
-        if engine.lora_request is not None:
-            engine.llm.llm_engine.remove_lora(engine.lora_request.lora_int_id)
-        engine.version += 1
-        engine.lora_request = LoRARequest(lora_name=buyer["name"], lora_int_id=engine.version, lora_path=buyer["path"])
-        engine.llm.llm_engine.add_lora(engine.lora_request)
+    if hasattr(engine, "use_adapter"):  # VLLMEngine: serve the checkpoint's adapter folder as the policy
+        engine.use_adapter(str(buyer["path"]))
     else:
         engine.model.set_adapter(buyer["name"])
 
