@@ -268,6 +268,9 @@ def measure_rollouts(b: Bench) -> H.Measurement:
     if vllm is not None:
         m.ratios["c_over_a"] = naive / vllm
         m.ratios["b_over_a"] = hf / vllm
+    for k in per_episode:
+        if k.startswith("a_vllm_lockstep_"):  # the other sync strategy
+            m.ratios[f"c_over_a_{k.rsplit('_', 1)[1]}"] = naive / per_episode[k]
     m.ratios["c_over_b"] = naive / hf
     batched = "a_vllm_lockstep" if cfg.engine.kind == "vllm" and vllm is not None else "b_hf_lockstep"
     b.timings["rollout"] = per_episode[batched] * len(scenarios)
