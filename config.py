@@ -222,8 +222,8 @@ class Config:
         need(t.sharding in SHARDINGS, "train.sharding", f"use one of {SHARDINGS}")
         if t.sharding == "fsdp2":
             need(self.model.quantization == "none", "train.sharding",
-                 f"fsdp2 shards a bf16/fp32 base; it does not shard bitsandbytes 4-bit weights "
-                 f"(model.quantization={self.model.quantization!r}): set model.quantization=none, or train.sharding=none")
+                 f"fsdp2 shards a bf16/fp32 base, not bitsandbytes 4-bit weights (model.quantization="
+                 f"{self.model.quantization!r}): set model.quantization=none, or train.sharding=none")
         need(ev.episodes_per_product >= 0, "eval.episodes_per_product", "must be >= 0 (0 = no final evaluation)")
         need(ev.products >= 0, "eval.products", "must be >= 0 (0 = the whole test split)")
         need(ev.buyer_temperature >= 0, "eval.buyer_temperature", "must be >= 0")

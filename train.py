@@ -447,8 +447,9 @@ def load_adapter(model, folder: Path) -> None:
     saved = load_peft_weights(str(folder), device="cpu")  # peft's names: the model's, without the adapter name
     params = {name.replace(".default", ""): p for name, p in model.named_parameters() if p.requires_grad}
     if saved.keys() != params.keys():
-        raise SystemExit(f"{folder} does not fit this model's LoRA weights (in the folder only: "
-                         f"{sorted(saved.keys() - params.keys())[:3]}; missing: {sorted(params.keys() - saved.keys())[:3]})")
+        extra, missing = sorted(saved.keys() - params.keys())[:3], sorted(params.keys() - saved.keys())[:3]
+        raise SystemExit(f"{folder} does not fit this model's LoRA weights (in the folder only: {extra}; "
+                         f"missing: {missing})")
     with torch.no_grad():
         for key, p in params.items():
             full = saved[key].to(p.device, p.dtype)
@@ -868,6 +869,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = cfg.train
     if t.sharding == "fsdp2" and world() > 1:  # the bf16 base, LoRA and AdamW sharded over the ranks
         shard(model)
+        if cuda:  # the full copy each rank loaded (57 GiB for the 30B) stays cached by PyTorch's allocator unless
+            torch.cuda.empty_cache()  # returned: vLLM sizes its share from the device's free memory
     elif t.sharding == "fsdp2":
         print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: this rank's shards (DTensors)
