@@ -1,0 +1,340 @@
+"""The warm start: a tiny Qwen3 buyer supervised on scripted transcripts, and the scripted baselines it is measured by.
+
+    python warmstart.py                                   # rebuild checkpoints/warmstart (tens of minutes, 2 cores)
+    python warmstart.py --out /tmp/ws --minutes 5         # a quicker, weaker one
+    python warmstart.py --baselines                       # scripted buyers' average and the best response only
+
+What it does, top to bottom:
+1. Plays scripted episodes on the TRAIN products: `LadderBuyer` teachers (each game draws its own concession
+   schedule) against the scripted seller family `seller_family()` (env.ScriptedSeller, linear concession, its
+   exponent and margin jittered per game, so it is Boulware-like in some games and a conceder in others).
+2. Renders each episode into the buyer's token layout exactly as env.LLMPlayer builds it at training time
+   (env.ChatFormat: opening with the "ladder" prompt style, the generated reply ids + <|im_end|>, then the
+   template delta holding the seller's relayed message), with mask 1 on the buyer's reply tokens only.
+3. Builds the tiny model with model.build_tiny_model (tokenizer trained on these transcripts) and supervises it
+   with plain AdamW on the masked next-token loss.
+4. Evaluates it on the held-out products against the same seller family and writes the checkpoint folder with
+   WARMSTART.md (command, seed, time, held-out metrics).
+
+Deliberate choices:
+- The price is a copy, not arithmetic: the ladder prompt lists eight offers (30%..95% of the budget) under the
+  letters a..h. A reply is "Thought: <letter>" then either a [BUY] copying that rung's price, or a [DEAL] copying
+  the seller's last price when that price is at or below the chosen rung. The letter is the whole strategy, so
+  GRPO's credit lands on one token per round, and the top rung is below the budget, so a copied price never
+  overshoots. (A 1.6M model supervised on free-form prices learnt the format, not the prices.)
+- The teachers differ only in their schedule of letters (start rung, curvature), so the warm start imitates a
+  mixture and GRPO has room to move to the better schedules: `best_response` measures how much room.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import data
+import env
+import reward
+
+SELLER_STRATEGY, SELLER_JITTER = "linear", 1.0   # the scripted seller family (see seller_family)
+MAX_ROUNDS = 6
+REPLY_MAX_TOKENS = 32   # a ladder reply is ~20 tokens; more is never needed
+
+
+def seller_family(seed: int = 0) -> env.ScriptedSeller:
+    """Linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
+    jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
+    it accepts any offer at or above its current ask. Patience pays against it, and more so than the average
+    teacher shows."""
+    return env.ScriptedSeller(SELLER_STRATEGY, jitter=SELLER_JITTER, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scripted ladder buyers (the teachers) and the search over their schedules
+
+
+def ladder_reply(scenario: data.Scenario, rung: int, last_sell: float | None) -> str:
+    """The reply of a buyer who bids ladder rung `rung` this round: accept the seller's last price if it is at or
+    below that rung (a cheaper deal than the rung itself), else offer the rung."""
+    bid = env.ladder_prices(scenario.budget)[rung]
+    letter = env.LADDER_LETTERS[rung]
+    if last_sell is not None and last_sell <= bid:
+        return f"Thought: {letter} deal\nTalk: ok\nAction: [DEAL] ${last_sell:,.2f}"
+    return f"Thought: {letter}\nTalk: ok\nAction: [BUY] ${bid:,.2f}"
+
+
+def ramp(start: int, exponent: float, rounds: int = MAX_ROUNDS, top: int = len(env.LADDER) - 1) -> tuple[int, ...]:
+    """Rungs from `start` up to the top rung in the last round; exponent > 1 waits longer before rising."""
+    return tuple(min(top, int(round(start + (top - start) * (t / max(1, rounds - 1)) ** exponent)))
+                 for t in range(rounds))
+
+
+TEACHER_SCHEDULES = [ramp(s, e) for s in range(5) for e in (0.5, 1.0, 2.0)]
+
+
+class LadderBuyer:
+    """A scripted buyer over the ladder. `schedules` is the rung per round of each strategy; with several, each game
+    draws one (seeded by game index), so a batch is a mixture of teachers."""
+
+    def __init__(self, schedules: list[tuple[int, ...]], seed: int = 0):
+        if not schedules:
+            raise ValueError("LadderBuyer needs at least one schedule")
+        self.schedules, self.seed = [tuple(s) for s in schedules], seed
+
+    def reply(self, games: list[env.Game]) -> list[str]:
+        texts = []
+        for g in games:
+            if "buyer" not in g.state:
+                g.state["buyer"] = random.Random(f"{self.seed}:{g.index}").choice(self.schedules)
+            schedule, neg = g.state["buyer"], g.negotiation
+            texts.append(ladder_reply(neg.scenario, schedule[min(neg.round, len(schedule) - 1)], neg.last_sell))
+        return texts
+
+
+def play_scripted(scenarios, buyer, seller_seed: int = 0) -> list[env.Outcome]:
+    return [g.outcome for g in env.play(scenarios, buyer, seller_family(seller_seed), MAX_ROUNDS)]
+
+
+def best_response(train, test, seller_seed: int = 0) -> dict:
+    """Search every non-decreasing ladder schedule (1,716 of them) against the seller family on the train
+    products; report the best one's metrics on the test products (chosen on train, so not overfitted to test)."""
+    k = len(env.LADDER)
+    best = None
+    for sched in itertools.combinations_with_replacement(range(k), MAX_ROUNDS):
+        r = reward.summarize(play_scripted(train, LadderBuyer([sched]), seller_seed))["reward"]
+        if best is None or r > best[0]:
+            best = (r, sched)
+    test_metrics = reward.summarize(play_scripted(test, LadderBuyer([best[1]]), seller_seed))
+    return {"schedule": list(best[1]), "train_reward": best[0], "test": test_metrics}
+
+
+def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search: bool = True) -> dict:
+    """Scripted reference numbers on the held-out products against the seller family: the teachers' mixture,
+    each teacher, OG-Narrator (env.ScriptedBuyer), and the best schedule found by search."""
+    rep = [s for s in test for _ in range(episodes_per_product)]
+    out = {"teachers": reward.summarize(play_scripted(rep, LadderBuyer(TEACHER_SCHEDULES, seed), seed)),
+           "og_narrator": reward.summarize(play_scripted(rep, env.ScriptedBuyer(), seed)),
+           "per_teacher": {"-".join(map(str, s)): reward.summarize(play_scripted(rep, LadderBuyer([s]), seed))["reward"]
+                           for s in TEACHER_SCHEDULES}}
+    if search:
+        out["best_response"] = best_response(train, rep, seed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised data in the trainer's token layout
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]    # 1 on the buyer's reply tokens (and their <|im_end|>), the tokens the policy generates
+
+
+def render_buyer(game: env.Game, fmt: env.ChatFormat) -> Example:
+    """The buyer's side of a scripted episode, token by token as env.LLMPlayer would have built it had the model
+    generated these replies: opening prompt, reply ids + end-of-turn, template delta with the relayed message, ..."""
+    neg = game.negotiation
+    ids = fmt.opening(env.buyer_opening(neg.scenario, "ladder"))
+    mask = [0] * len(ids)
+    for i, turn in enumerate(neg.transcript):
+        if turn.role == "buyer":
+            reply = fmt.encode(turn.text) + [fmt.eos_id]
+            ids, mask = ids + reply, mask + [1] * len(reply)
+        elif i + 1 < len(neg.transcript):  # a seller message the buyer reads before its next reply
+            ctx = fmt.continuation(turn.relayed, True)
+            ids, mask = ids + ctx, mask + [0] * len(ctx)
+    return Example(ids, mask)
+
+
+def scripted_games(scenarios, n: int, seed: int) -> list[env.Game]:
+    """n teacher-vs-seller episodes on products drawn (with replacement) from `scenarios`."""
+    rng = random.Random(seed)
+    picks = [rng.choice(scenarios) for _ in range(n)]
+    return env.play(picks, LadderBuyer(TEACHER_SCHEDULES, seed), seller_family(seed), MAX_ROUNDS)
+
+
+def transcript_texts(games, tokenizer_free_template) -> list[str]:
+    """Plain texts for training the tokenizer: the chat-template rendering of each buyer conversation."""
+    out = []
+    for g in games:
+        neg = g.negotiation
+        msgs = env.buyer_opening(neg.scenario, "ladder")
+        for i, t in enumerate(neg.transcript):
+            msgs.append({"role": "assistant" if t.role == "buyer" else "user",
+                         "content": t.text if t.role == "buyer" else t.relayed})
+        out.append(tokenizer_free_template(msgs))
+    return out
+
+
+def render_plain(messages: list[dict]) -> str:
+    """The tiny model's chat template (model.CHAT_TEMPLATE) written out, for tokenizer training only."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def batch_loss(model, batch: list[Example], pad_id: int):
+    """Mean next-token cross-entropy over the masked (buyer-generated) tokens of a right-padded batch."""
+    import torch
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)           # [B, T]
+    mask = torch.zeros((len(batch), width), dtype=torch.float32)              # [B, T]
+    attn = torch.zeros((len(batch), width), dtype=torch.long)                 # [B, T]
+    for r, e in enumerate(batch):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        mask[r, :len(e.mask)] = torch.tensor(e.mask, dtype=torch.float32)
+        attn[r, :len(e.ids)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+    target_mask = mask[:, 1:]                                                 # predicts token t+1 from <= t
+    return (nll * target_mask).sum() / target_mask.sum()
+
+
+def evaluate_buyer(model, tokenizer, scenarios, episodes_per_product: int = 4, seed: int = 1234,
+                   temperature: float = 1.0) -> dict:
+    """The model as the ladder-style buyer against the seller family on `scenarios` x episodes_per_product."""
+    from engine import HFEngine
+    rep = [s for s in scenarios for _ in range(episodes_per_product)]
+    buyer = env.LLMPlayer(HFEngine(model, tokenizer), "buyer", temperature=temperature,
+                          max_tokens=REPLY_MAX_TOKENS, adapter=True, style="ladder", seed=seed)
+    games = env.play(rep, buyer, seller_family(seed), MAX_ROUNDS)
+    return reward.summarize(g.outcome for g in games), games
+
+
+def train(out_dir: str, *, seed: int = 0, episodes: int = 20000, minutes: float = 30.0, batch_size: int = 32,
+          lr: float = 3e-3, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
+          intermediate_size: int = 384, vocab_size: int = 768, eval_episodes_per_product: int = 2,
+          threads: int = 0, init: str = "") -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model as model_lib
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
+    games = scripted_games(train_s, episodes, seed)
+    if init:  # continue supervising an earlier warm start (its tokenizer and architecture are kept)
+        tokenizer = AutoTokenizer.from_pretrained(init)
+        net = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.abspath(init) != os.path.abspath(out_dir):
+            tokenizer.save_pretrained(out_dir)
+            net.generation_config.save_pretrained(out_dir)
+    else:
+        texts = transcript_texts(games[:4000], render_plain) + model_lib.synthetic_texts(200, seed)
+        model_lib.build_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden_size=hidden_size,
+                                   num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32,
+                                   intermediate_size=intermediate_size, seed=seed)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        net = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    fmt = env.ChatFormat(tokenizer)
+    examples = [render_buyer(g, fmt) for g in games]
+    lengths = sorted(len(e.ids) for e in examples)
+    print(f"{len(examples)} transcripts, tokens per episode median {lengths[len(lengths) // 2]} max {lengths[-1]}; "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters; setup {time.time() - t0:.0f}s", flush=True)
+
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    rng = random.Random(seed)
+    deadline = t0 + minutes * 60
+    total_steps = max(1, int(minutes * 60 / 0.6))   # a guess for the cosine horizon; the deadline stops training
+    step, log = 0, []
+    net.train()
+    while time.time() < deadline:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            if time.time() >= deadline:
+                break
+            frac = (time.time() - t0) / (deadline - t0)
+            for gparam in opt.param_groups:   # linear warm-up over 50 steps, then cosine to 10% by the deadline
+                gparam["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+            loss = batch_loss(net, [examples[j] for j in order[i:i + batch_size]], tokenizer.pad_token_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step % 500 == 0:   # a loadable checkpoint along the way (the folder already holds the tokenizer)
+                net.save_pretrained(out_dir)
+            if step % 50 == 0:
+                log.append({"step": step, "loss": loss.item(), "s": round(time.time() - t0)})
+                print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+    train_s_elapsed = time.time() - t0
+    net.eval()
+    net.save_pretrained(out_dir)
+    metrics, _ = evaluate_buyer(net, tokenizer, test_s, eval_episodes_per_product)
+    return {"steps": step, "train_seconds": round(train_s_elapsed), "held_out": metrics, "log": log,
+            "total_seconds": round(time.time() - t0)}
+
+
+def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted: dict | None) -> None:
+    m = result["held_out"]
+    lines = ["# Warm-start checkpoint", "",
+             f"Built by `python warmstart.py {' '.join(argv)}` (seed {seed}) on {platform.node() or 'this machine'} "
+             f"({os.cpu_count()} CPUs visible, shared with other jobs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             f"Supervised {result['steps']} AdamW steps in {result['train_seconds']} s; total with evaluation "
+             f"{result['total_seconds']} s.", "",
+             f"Held-out products ({m['episodes']} episodes, buyer temperature 1.0, ladder prompt style) against the "
+             f"scripted seller family (env.ScriptedSeller('{SELLER_STRATEGY}', jitter={SELLER_JITTER})):", "",
+             "| buyer | reward | deal rate | bargained ratio | overshoot | protocol violations | first-offer ratio | episodes |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(name, r):
+        f = lambda x: "-" if x is None else f"{x:.3f}"
+        return (f"| {name} | {f(r['reward'])} | {f(r['deal_rate'])} | {f(r['bargained_ratio'])} | "
+                f"{f(r['overshoot_rate'])} | {f(r['protocol_violation_rate'])} | {f(r['first_offer_ratio'])} | "
+                f"{r['episodes']} |")
+    lines.append(row("this checkpoint", m))
+    if scripted:
+        lines.append(row("scripted teachers (mixture)", scripted["teachers"]))
+        if "best_response" in scripted:
+            br = scripted["best_response"]
+            lines.append(row(f"best ladder schedule {br['schedule']}", br["test"]))
+    with open(os.path.join(out_dir, "WARMSTART.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "warmstart_metrics.json"), "w") as f:
+        json.dump({"held_out": m, "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed}, f,
+                  indent=1)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="checkpoints/warmstart")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=20000, help="scripted training transcripts")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget for the supervised steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--init", default="", help="continue from this warm-start folder instead of a fresh model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 on a busy machine)")
+    p.add_argument("--baselines", action="store_true", help="only print the scripted baselines and best response")
+    p.add_argument("--no-search", action="store_true", help="skip the best-response search (about a minute)")
+    a = p.parse_args(argv)
+    train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
+    if a.baselines:
+        print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))
+        return
+    result = train(a.out, seed=a.seed, episodes=a.episodes, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
+                   hidden_size=a.hidden_size, num_layers=a.num_layers, threads=a.threads, init=a.init)
+    scripted = baselines(train_s, test_s, search=not a.no_search)
+    write_note(a.out, argv, a.seed, result, scripted)
+    print(json.dumps({"held_out": result["held_out"], "teachers": scripted["teachers"]["reward"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
