@@ -327,6 +327,31 @@ def test_prompt_and_seller_tokens_get_exactly_zero_gradient(policy, multi_turn):
     assert trained.sum() < 0.5 * (mb.attn > 0).sum()  # most of the sequence is context
 
 
+def test_head_only_at_the_buyer_tokens_changes_nothing(policy, multi_turn):
+    """token_logprobs(only=mask) runs the LM head at the buyer's tokens alone: the same log-probs, entropy and
+    LoRA gradient there as the full computation, 0 elsewhere, and the hook is gone afterwards."""
+    _, model, _ = policy
+    games, _, temperature = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    (mb,) = train.micro_batches(convs, [0, 1], 10_000, 0, "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(only):
+        model.zero_grad()
+        with one_thread():
+            logp, entropy = train.token_logprobs(model, mb.ids, mb.attn, temperature, True, only=only)
+            (logp * mb.mask).sum().backward()
+        return logp.detach(), entropy, torch.cat([p.grad.reshape(-1).clone() for p in params])
+    full, full_entropy, full_grad = run(None)
+    part, part_entropy, part_grad = run(mb.mask)
+    model.zero_grad()
+    m = mb.mask > 0
+    assert torch.allclose(part[m], full[m], atol=1e-6, rtol=0) and (part[~m] == 0).all()
+    assert torch.allclose(part_entropy[m], full_entropy[m], atol=1e-6, rtol=0) and (part_entropy[~m] == 0).all()
+    assert torch.allclose(part_grad, full_grad, atol=1e-7, rtol=1e-5) and full_grad.abs().sum() > 0
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
 def test_micro_batch_packing_does_not_change_the_gradient(policy, multi_turn):
     cfg, model, tokenizer = policy
     games, _, _ = multi_turn
