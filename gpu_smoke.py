@@ -127,9 +127,11 @@ def training_step(model, optimizer, prompts, gens, device, seed: int, rows_per_m
             attn[j, :len(p) + len(x.token_ids)] = 1
             mask[j, len(p):len(p) + len(x.token_ids)] = 1                # generated tokens, in ids positions
             old[j, len(p):len(p) + len(x.token_ids)] = torch.tensor(x.logprobs)
-        logp, _ = token_logprobs(model, ids.to(device), attn.long().to(device), temperature=1.0)    # [b, T-1]
-        # logp[:, t] scores ids[:, t+1]: shift the mask and the engine log-probs by one
-        loss = policy_loss(logp, old[:, 1:].to(device), adv[rows].to(device), mask[:, 1:].to(device))  # scalar
+        # logp[:, t] scores ids[:, t+1]: shift the mask and the engine log-probs by one. only=: the LM head runs
+        # at the generated tokens alone, as in train.py (151,936-word logits for the whole sequence cost GiBs).
+        loss_mask = mask[:, 1:].to(device)                                                   # [b, T-1]
+        logp, _ = token_logprobs(model, ids.to(device), attn.long().to(device), temperature=1.0, only=loss_mask)
+        loss = policy_loss(logp, old[:, 1:].to(device), adv[rows].to(device), loss_mask)         # scalar
         (loss / len(starts)).backward()
         total += loss.item() / len(starts)
     optimizer.step()
