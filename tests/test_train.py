@@ -3,7 +3,6 @@ the loss sees, gradients only on the buyer's tokens, the real command line for t
 resume equivalence, a clean stop on SIGTERM, and two processes under torchrun."""
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -62,39 +61,12 @@ def read_jsonl(path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def talking_model_dir(tiny_model_dir, tmp_path_factory, scenarios):
-    """tiny_model_dir supervised for 60 steps (~10 s on one core) on compact-prompt replies that either quit or
-    bid $1.00: sampled at temperature 1 it quits (reward 0), bids (0 after max_rounds) or breaks the protocol
-    (-1), so GRPO groups have non-zero advantages. Deterministic."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """tiny_model_dir supervised for 60 steps (~10 s on one core) so that it sometimes quits or bids: see
+    tests/talking_model.py. Built in its own process: in-process vLLM (other tests) changes global torch state,
+    which would change these weights and the golden numbers. Deterministic."""
     out = str(tmp_path_factory.mktemp("talking_tiny"))
-    with one_thread():
-        torch.manual_seed(0)
-        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        fmt = env.ChatFormat(tok)
-        seqs = []
-        for s in scenarios[:40]:
-            prompt = fmt.opening(env.buyer_opening(s, "compact"))
-            for reply in ("Thought: no\nTalk: no\nAction: [QUIT]",
-                          f"Thought: ok\nTalk: ok\nAction: [BUY] $1.00 (1x {s.codename})"):
-                seqs.append((prompt + fmt.encode(reply) + [fmt.eos_id], len(prompt)))
-        rng = random.Random(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(60):
-            batch = rng.sample(seqs, 16)
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((16, width), tok.pad_token_id)
-            labels = torch.full((16, width), -100)
-            for i, (seq, n_prompt) in enumerate(batch):
-                ids[i, :len(seq)] = torch.tensor(seq)
-                labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "talking_model.py"), tiny_model_dir, out],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
     return out
 
 
