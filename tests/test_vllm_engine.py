@@ -3,10 +3,8 @@ weight sync (both strategies) after a real optimiser step, the freshness probe c
 seller on one engine, the merged-weight names and fused-expert split, and ChatEndpoint against a real vLLM
 OpenAI-compatible server on 127.0.0.1."""
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ vllm = pytest.importorskip("vllm")
 
 from engine import ChatEndpoint, generation_mode  # noqa: E402
 from model import ModelConfig, load_policy  # noqa: E402
+from conftest import vllm_server  # noqa: E402
 from vllm_engine import (  # noqa: E402
     FreshnessProbe, StaleEngineError, VLLMEngine, check_freshness, merged_hf_weights, split_fused_experts,
     token_logprobs)
@@ -297,48 +296,19 @@ def test_sleep_is_a_noop_with_a_notice_on_cpu(adapter_engine, capsys):
     assert not adapter_engine.sleeping
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # the vLLM API server takes ~35 s to start on 2 CPU cores
 def test_chat_endpoint_against_a_real_vllm_server(tiny_model_dir, tmp_path):
-    port = free_port()
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
-         "--served-model-name", "tiny-seller", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "1024", "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        endpoint = ChatEndpoint(f"http://127.0.0.1:{port}", "tiny-seller", timeout=30, retries=0)
-        deadline = time.time() + 150
-        while True:
-            try:
-                endpoint.check()
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    log_tail = (tmp_path / "server.log").read_text()[-3000:]
-                    raise AssertionError(f"vLLM server did not come up:\n{log_tail}")
-                time.sleep(1)
+    with vllm_server(tiny_model_dir, "tiny-seller", tmp_path / "server.log", max_model_len=1024, timeout=150) as url:
+        endpoint = ChatEndpoint(url.removesuffix("/v1"), "tiny-seller", timeout=30, retries=0)
+        endpoint.check()
         msgs = [[{"role": "system", "content": "You are a seller."}, {"role": "user", "content": f"Offer ${p}"}]
                 for p in (10, 20, 30)]
         replies = endpoint.chat(msgs, temperature=0.0, max_tokens=8)
         assert len(replies) == 3 and all(isinstance(r, str) and r for r in replies)
         assert endpoint.chat(msgs[:1], temperature=0.0, max_tokens=8) == replies[:1]  # greedy: deterministic
-        wrong = ChatEndpoint(f"http://127.0.0.1:{port}", "no-such-model", retries=0)
+        wrong = ChatEndpoint(url.removesuffix("/v1"), "no-such-model", retries=0)
         with pytest.raises(Exception, match="tiny-seller"):
             wrong.check()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @pytest.mark.slow  # ~40 s: a fresh process builds a tiny model and a vLLM engine
