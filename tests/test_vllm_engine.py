@@ -21,14 +21,18 @@ from vllm_engine import (  # noqa: E402
 TOL = 1e-4  # float32 on both sides; measured max |diff| ~1e-6 (different kernels, same math)
 
 
-def fresh_policy(model_dir, seed=0):
-    """A peft model whose adapter is non-zero, so that adapter on and off are different models."""
-    m, tok = load_policy(ModelConfig(name=model_dir, dtype="float32", lora_r=8, lora_alpha=16), verbose=False)
-    g = torch.Generator().manual_seed(seed)
+def randomise_lora_b(m, std: float, generator=None) -> None:
+    """Non-zero LoRA B matrices (peft starts them at 0), so that adapter on and off are different models."""
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def fresh_policy(model_dir, seed=0):
+    """A peft model whose adapter is non-zero, so that adapter on and off are different models."""
+    m, tok = load_policy(ModelConfig(name=model_dir, dtype="float32", lora_r=8, lora_alpha=16), verbose=False)
+    randomise_lora_b(m, 0.3, torch.Generator().manual_seed(seed))
     return m, tok
 
 
@@ -232,10 +236,7 @@ def test_merged_weights_include_lora_on_fused_experts(tiny_moe_dir):
     cfg = ModelConfig(name=tiny_moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
                       lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     m, _ = load_policy(cfg, verbose=False)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    randomise_lora_b(m, 0.5)
     pushed = dict(merged_hf_weights(m, dtype=torch.float32))
     plain = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -268,10 +269,7 @@ def test_merged_weights_from_a_4bit_base_reproduce_the_qlora_model(tiny_model_di
 
     m, _ = load_policy(ModelConfig(name=tiny_model_dir, dtype="bfloat16", quantization="4bit", lora_r=8,
                                    lora_alpha=16), verbose=False)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    randomise_lora_b(m, 0.3)
     pushed = dict(merged_hf_weights(m, dtype=torch.bfloat16))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
