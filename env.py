@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import Scenario
+from data import Scenario, scenario_to_dict
 from reward import score
 
 BUYER_KINDS = ("BUY", "DEAL", "REJECT", "QUIT")
@@ -155,7 +155,7 @@ class Outcome:
     mi = property(lambda self: self.scenario.mi)
 
     def to_dict(self) -> dict:
-        return {"scenario": vars(self.scenario) | {"kind": self.scenario.kind},
+        return {"scenario": scenario_to_dict(self.scenario) | {"kind": self.scenario.kind},
                 "reason": self.reason, "price": self.price, "rounds": self.rounds,
                 "interventions": self.interventions, "reward": self.reward, "first_offer": self.first_offer,
                 "overshoot": self.overshoot,
