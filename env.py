@@ -167,10 +167,11 @@ class Outcome:
 class Negotiation:
     """The state machine of one episode. Feed it replies in turn order; it applies every rule."""
 
-    def __init__(self, scenario: Scenario, max_rounds: int = 6):
+    def __init__(self, scenario: Scenario, max_rounds: int = 6, ladder: bool = False):
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
         self.scenario, self.max_rounds = scenario, max_rounds
+        self.ladder = ladder             # the buyer may name a rung and [DEAL] without a price (see LADDER)
         self.round = 0                   # rounds started (a round starts with a buyer reply)
         self.turn = "buyer"
         self.last_buy: float | None = None    # the buyer's most recent [BUY] price
@@ -201,7 +202,7 @@ class Negotiation:
         self.round += 1
         s = self.scenario
         try:
-            action = parse_action(text, "buyer")
+            action = parse_action(expand_ladder(text, s.budget, self.last_sell) if self.ladder else text, "buyer")
         except ProtocolError as e:
             self.transcript.append(Turn("buyer", text, None, note=f"protocol violation: {e}"))
             return self._end("protocol_violation")
@@ -257,9 +258,9 @@ class Negotiation:
         self.turn = "buyer"
 
 
-def replay(scenario: Scenario, replies: list[str], max_rounds: int = 6) -> Outcome:
+def replay(scenario: Scenario, replies: list[str], max_rounds: int = 6, ladder: bool = False) -> Outcome:
     """Play one episode from scripted reply texts: buyer, seller, buyer, ... Replies after the end are ignored."""
-    game = Negotiation(scenario, max_rounds)
+    game = Negotiation(scenario, max_rounds, ladder)
     for text in replies:
         if game.done:
             break
@@ -298,11 +299,17 @@ def _inventory_line(s: Scenario, description_chars: int) -> str:
             f"listed price: ${s.list_price:,.2f}")
 
 
-# The "ladder" style lists candidate offers as fractions of the budget, each under a letter, so that a tiny model
-# picks a letter and copies a price instead of doing arithmetic. The top rung stays below the budget, so an offer
-# copied from the ladder can never overshoot.
+# The "ladder" style is for tiny models. The buyer's actions are eight price rungs, fractions of its budget under
+# the letters a..h: "[BUY] e" offers rung e and a bare "[DEAL]" accepts the seller's last offer (Negotiation with
+# ladder=True writes the price in; the seller reads an ordinary [BUY] $price). After each seller offer the buyer
+# reads which rung that offer sits at ("Ask rung: f": the cheapest rung at or above it), so accepting is a
+# comparison of two letters. Why: a 0.9M-parameter model supervised for an hour learns the letters but slips
+# digits when it copies prices (measured: 14% protocol violations, 9% overshoot), and every slip is a -1 that
+# drowns the bargaining signal GRPO should see. The top rung stays below the budget: an offer can never overshoot;
+# only accepting an ask above the budget can.
 LADDER = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 LADDER_LETTERS = "abcdefgh"
+_LADDER_BUY = re.compile(r"\s*([a-h])(?![\w$.,])")
 
 
 def ladder_prices(budget: float) -> list[float]:
@@ -310,13 +317,55 @@ def ladder_prices(budget: float) -> list[float]:
     return [_cents(f * budget) for f in LADDER]
 
 
+def ladder_rung(price: float, budget: float) -> str:
+    """The letter of the cheapest rung at or above `price`, or "over" when the price is above every rung."""
+    for letter, rung in zip(LADDER_LETTERS, ladder_prices(budget)):
+        if price <= rung + 1e-9:
+            return letter
+    return "over"
+
+
+def expand_ladder(text: str, budget: float, last_sell: float | None) -> str:
+    """A ladder reply with its price written in, for parse_action: on the action line, a rung letter right after
+    [BUY] becomes that rung's price, and a [DEAL] with no price gets the seller's last offer. Anything else is
+    returned unchanged (and parsed, or rejected, by the ordinary rules)."""
+    lines = text.splitlines() if isinstance(text, str) else []
+    actions = [i for i, line in enumerate(lines) if _ACTION_LINE.match(line)]
+    if not actions:
+        return text
+    i = actions[-1]
+    line = lines[i]
+    tag = _TAG.search(line)
+    if not tag:
+        return text
+    kind, rest = tag.group(1).upper(), line[tag.end():]
+    if kind == "BUY" and (m := _LADDER_BUY.match(rest)):
+        price = ladder_prices(budget)[LADDER_LETTERS.index(m.group(1))]
+        lines[i] = line[:tag.end()] + f" ${price:.2f}" + rest[m.end():]
+    elif kind == "DEAL" and last_sell is not None and not _MONEY.search(rest):
+        lines[i] = line[:tag.end()] + f" ${last_sell:.2f}" + rest
+    return "\n".join(lines)
+
+
+def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style: str) -> str:
+    """What the buyer reads after a seller turn. In the ladder style: only the seller's action (no Talk, no
+    codename), plus the rung of the offer a [DEAL] would accept. Why so terse: on a CPU the sequence length is the
+    cost of every step, the Talk of a scripted seller says nothing its action does not, and a tiny model reads the
+    letters, not the prose. Every other style reads the relayed message as it is."""
+    if style != "ladder":
+        return message
+    view = "Seller " + parse_action(message, "seller").format()   # a relayed message always parses
+    return view if last_sell is None else f"{view}\nAsk rung: {ladder_rung(last_sell, scenario.budget)}"
+
+
 def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400) -> list[dict]:
     """System + first user message for the buyer. Holds the budget; never the cost."""
-    if style == "ladder":  # compact + the candidate offers (see LADDER)
+    if style == "ladder":  # compact + the rungs (see LADDER)
         offers = ", ".join(f"{k} ${p:,.2f}" for k, p in zip(LADDER_LETTERS, ladder_prices(s.budget)))
-        return [{"role": "system", "content": "You are the buyer. Format: Thought/Talk/Action."},
+        return [{"role": "system", "content": "You are the buyer. Reply Thought/Action. "
+                                              "Action: [BUY] rung letter, [DEAL] accepts the ask, [QUIT]."},
                 {"role": "user", "content": f"Item {s.codename}, list ${s.list_price:,.2f}. "
-                                            f"Your budget ${s.budget:,.2f}. Offers: {offers}. Make your offer."}]
+                                            f"Your budget ${s.budget:,.2f}. Rungs: {offers}. Make your offer."}]
     if style == "compact":  # short sequences for tiny CPU models: the same facts, no description
         return [{"role": "system", "content": "You are the buyer. Format: Thought/Talk/Action."},
                 {"role": "user", "content": f"Item {s.codename}, list ${s.list_price:,.2f}. "
@@ -464,6 +513,8 @@ class LLMPlayer:
                        else seller_opening(neg.scenario, message, self.persona, self.style, self.description_chars))
             conv.add_context(self.format.opening(opening))
         else:
+            if self.role == "buyer":
+                message = buyer_view(message, neg.scenario, neg.last_sell, self.style)
             conv.add_context(self.format.continuation(message, game.state.get(self.role + "_finished", True)))
         return conv
 
@@ -523,21 +574,22 @@ class ScriptedSeller:
 
     e < 1 concedes late (Boulware), e = 1 linearly, e > 1 early (conceder); the hard-liner barely moves.
     It accepts a BUY at or above its current ask. floor = cost * (1 + margin) keeps some profit; `jitter`
-    randomises e and the margin per game so groups see varied sellers. Its text runs through the same parser
-    and the same regulation as an LLM seller's.
+    randomises e and the margin per game. With group_size G the draw is per block of G consecutive games (a GRPO
+    group): the episodes of a group then face the same seller, so their rewards differ only by what the buyer did.
+    Its text runs through the same parser and the same regulation as an LLM seller's.
     """
     STRATEGIES = {"boulware": (0.3, 0.05), "linear": (1.0, 0.05), "conceder": (3.0, 0.05),
                   "hardliner": (0.1, 0.15)}
 
-    def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0):
+    def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0, group_size: int = 1):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)}")
-        self.strategy, self.jitter, self.seed = strategy, jitter, seed
+        self.strategy, self.jitter, self.seed, self.group_size = strategy, jitter, seed, group_size
         self.exponent, self.margin = self.STRATEGIES[strategy]
 
     def _params(self, game: Game) -> tuple[float, float]:
         if "seller" not in game.state:
-            rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index}")
+            rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index // self.group_size}")
             e = self.exponent * math.exp(self.jitter * rng.uniform(-1, 1))
             m = max(0.0, self.margin * (1 + self.jitter * rng.uniform(-1, 1)))
             game.state["seller"] = (e, m)
@@ -599,6 +651,48 @@ class ScriptedBuyer:
         return texts
 
 
+def ladder_reply(rung: int, ask: float | None, budget: float) -> str:
+    """A ladder buyer who bids rung `rung` this round: accept the seller's last offer if it is at or below that rung
+    (cheaper than the rung itself), else offer the rung."""
+    letter = LADDER_LETTERS[rung]
+    if ask is not None and ask <= ladder_prices(budget)[rung]:
+        return f"Thought: {letter}\nAction: [DEAL]"
+    return f"Thought: {letter}\nAction: [BUY] {letter}"
+
+
+def ramp(start: int, exponent: float, rounds: int = 6, top: int = len(LADDER) - 1) -> tuple[int, ...]:
+    """Rungs from `start` up to the top rung in the last round; exponent > 1 waits longer before rising."""
+    return tuple(min(top, int(round(start + (top - start) * (t / max(1, rounds - 1)) ** exponent)))
+                 for t in range(rounds))
+
+
+# The ladder teachers: 15 schedules, start rung a..e, rising to h early, linearly or late. The warm start imitates
+# their mixture; their average is the "scripted" row of a ladder-style run.
+TEACHER_SCHEDULES = [ramp(s, e) for s in range(5) for e in (0.5, 1.0, 2.0)]
+
+
+class LadderBuyer:
+    """A scripted buyer over the ladder. `schedules` is the rung per round of each strategy; with several, each game
+    draws one (seeded by its index), so a batch is a mixture of teachers. It writes ladder replies, so env.play
+    applies the ladder rules to it, as to an LLM buyer in the ladder style."""
+    style = "ladder"
+
+    def __init__(self, schedules=TEACHER_SCHEDULES, seed: int = 0):
+        if not schedules:
+            raise ValueError("LadderBuyer needs at least one schedule")
+        self.schedules, self.seed = [tuple(s) for s in schedules], seed
+
+    def reply(self, games: list[Game]) -> list[str]:
+        texts = []
+        for g in games:
+            if "buyer" not in g.state:
+                g.state["buyer"] = random.Random(f"{self.seed}:{g.index}").choice(self.schedules)
+            schedule, neg = g.state["buyer"], g.negotiation
+            rung = schedule[min(neg.round, len(schedule) - 1)]
+            texts.append(ladder_reply(rung, neg.last_sell, neg.scenario.budget))
+        return texts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The lockstep runner
 
@@ -611,7 +705,8 @@ def play(scenarios: list[Scenario], buyer, seller, max_rounds: int = 6, on_round
     any_pending(flag) -> bool, when given, ORs `flag` over the processes that share one engine (a tensor-parallel
     group): each must call the engine equally often, so a process whose games are over keeps replying to an
     empty batch until every process in its group is done."""
-    games = [Game(Negotiation(s, max_rounds), index=i) for i, s in enumerate(scenarios)]
+    ladder = getattr(buyer, "style", "") == "ladder"   # the rules follow the buyer's prompt (see LADDER)
+    games = [Game(Negotiation(s, max_rounds, ladder), index=i) for i, s in enumerate(scenarios)]
     sync = any_pending or bool
     while True:
         pending = [g for g in games if not g.done]

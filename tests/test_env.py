@@ -260,6 +260,67 @@ def test_ci_scenario_deal_is_impossible_within_budget():
     assert (o.reason, o.interventions) == ("quit", 1)
 
 
+# --- the ladder style: rung letters and a bare [DEAL] ---------------------------------------------------------------
+
+def test_ladder_rungs_and_the_rung_of_an_ask():
+    assert env.ladder_prices(80.0) == [24.0, 32.0, 40.0, 48.0, 56.0, 64.0, 72.0, 76.0]
+    assert [env.ladder_rung(p, 80.0) for p in (1.0, 24.0, 24.01, 40.0, 40.01, 76.0, 76.01, 80.0)] == \
+        ["a", "a", "b", "c", "d", "h", "over", "over"]
+
+
+@pytest.mark.parametrize("text,last_sell,expected", [
+    ("Thought: e\nAction: [BUY] e", None, "Thought: e\nAction: [BUY] $56.00"),
+    ("Action: [buy] a (1x B0TEST0001)", None, "Action: [buy] $24.00 (1x B0TEST0001)"),
+    ("Action: [DEAL]", 70.0, "Action: [DEAL] $70.00"),
+    ("Action: [DEAL]", None, "Action: [DEAL]"),            # nothing to accept yet: left to the rules
+    ("Action: [DEAL] $65", 70.0, "Action: [DEAL] $65"),    # a written price is the buyer's claim, checked as usual
+    ("Action: [BUY] $40", None, "Action: [BUY] $40"),
+    ("Action: [BUY] each", None, "Action: [BUY] each"),    # a word, not a rung
+    ("Action: [BUY] z", None, "Action: [BUY] z"),
+    ("Thought: [BUY] e\nTalk: hi", None, "Thought: [BUY] e\nTalk: hi"),  # no action line
+])
+def test_expand_ladder(text, last_sell, expected):
+    assert env.expand_ladder(text, 80.0, last_sell) == expected
+
+
+def test_ladder_rules_through_replay():
+    o = replay(S, ["Thought: c\nAction: [BUY] c", msg("[SELL] $70"), "Thought: f\nAction: [BUY] f",
+                   msg("[SELL] $60"), "Thought: f\nAction: [DEAL]"], ladder=True)
+    assert (o.reason, o.price, o.first_offer, o.overshoot) == ("deal", 60.0, 40.0, False)
+    assert o.transcript[0].text == "Thought: c\nAction: [BUY] c"            # what the model wrote, kept
+    assert o.transcript[0].relayed == "Talk: \nAction: [BUY] $40.00 (1x B0TEST0001)"  # what the seller read
+    assert o.reward == pytest.approx((80 - 60) / 30, abs=1e-12)
+
+
+def test_ladder_bare_deal_above_budget_or_before_any_offer_and_letters_without_the_ladder():
+    over = replay(S, ["Action: [BUY] h", msg("[SELL] $85"), "Action: [DEAL]"], ladder=True)
+    assert (over.reason, over.reward, over.overshoot) == ("budget_violation", -1.0, True)
+    early = replay(S, ["Action: [DEAL]", msg("[SELL] $85")], ladder=True)
+    assert (early.reason, early.reward) == ("protocol_violation", -1.0)
+    plain = replay(S, ["Action: [BUY] e", msg("[SELL] $85")])
+    assert (plain.reason, plain.reward) == ("protocol_violation", -1.0)
+
+
+def test_ladder_buyer_plays_by_the_ladder_rules_and_never_overshoots(scenarios):
+    games = env.play(scenarios[:200], env.LadderBuyer(seed=1), env.ScriptedSeller("linear", jitter=1.0))
+    for g in games:
+        o = g.outcome
+        again = replay(o.scenario, [t.text for t in o.transcript], ladder=True)
+        assert (again.reason, again.price, again.reward) == (o.reason, o.price, o.reward)
+        assert not o.overshoot and o.reason in ("deal", "max_rounds")
+        rungs = env.ladder_prices(o.scenario.budget)
+        assert all(t.action.price in rungs for t in o.transcript if t.role == "buyer" and t.action.kind == "BUY")
+    assert {g.outcome.reason for g in games} == {"deal", "max_rounds"}
+
+
+def test_ladder_buyer_reads_the_sellers_action_and_the_rung_of_the_ask():
+    relayed = "Talk: x\nAction: [SELL] $60.00 (1x B0TEST0001)"
+    assert env.buyer_view(relayed, S, 60.0, "ladder") == "Seller [SELL] $60.00\nAsk rung: f"
+    assert env.buyer_view("Talk: x\nAction: [REJECT]", S, None, "ladder") == "Seller [REJECT]"
+    assert env.buyer_view("Talk: x\nAction: [REJECT]", S, 60.0, "ladder") == "Seller [REJECT]\nAsk rung: f"
+    assert env.buyer_view("Talk: x\nAction: [SELL] $60.00", S, 60.0, "compact") == "Talk: x\nAction: [SELL] $60.00"
+
+
 # --- information isolation ---------------------------------------------------------------------------------------
 
 def test_thought_is_never_relayed():
@@ -280,12 +341,14 @@ def _money_figures(text):
 
 def test_prompts_never_leak_private_numbers(scenarios):
     for s in scenarios:
-        for style in ("full", "compact"):
+        for style in ("full", "compact", "ladder"):
             buyer_text = " ".join(m["content"] for m in env.buyer_opening(s, style))
             seller_text = " ".join(m["content"] for m in env.seller_opening(s, "Talk: hi\nAction: [REJECT]",
                                                                           env.load_persona("prober"), style))
             assert f"{s.budget:,.2f}" in buyer_text
-            assert s.cost not in _money_figures(buyer_text) or s.cost in (s.list_price, s.budget)
+            # (the rungs are fixed fractions of the budget; one can equal the cost by coincidence, not by a leak)
+            public = (s.list_price, s.budget) + (tuple(env.ladder_prices(s.budget)) if style == "ladder" else ())
+            assert s.cost not in _money_figures(buyer_text) or s.cost in public
             assert s.budget not in _money_figures(seller_text) or s.budget in (s.list_price, s.cost)
             assert f"{s.cost:,.2f}" in seller_text
 
@@ -335,6 +398,17 @@ def test_scripted_seller_concedes_and_never_below_cost():
     assert all(b >= a for a, b in zip(asks, boulware))  # Boulware holds out longer
     with pytest.raises(ValueError, match="choose from"):
         env.ScriptedSeller("nice")
+
+
+def test_scripted_seller_type_is_drawn_per_group():
+    def draws(seller):   # the seller's (exponent, margin) in each of 12 fresh games
+        return [seller._params(env.Game(env.Negotiation(S), index=i)) for i in range(12)]
+    types = draws(env.ScriptedSeller("linear", jitter=1.0, seed=5, group_size=4))
+    assert types[0:4] == [types[0]] * 4 and types[4:8] == [types[4]] * 4 and types[8:] == [types[8]] * 4
+    assert len({types[0], types[4], types[8]}) == 3
+    per_game = draws(env.ScriptedSeller("linear", jitter=1.0, seed=5))
+    assert len(set(per_game)) == 12
+    assert per_game[0] == types[0]   # group_size 1 is the per-game draw
 
 
 def test_play_matches_replay_of_its_own_transcript(scenarios):
