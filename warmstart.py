@@ -5,7 +5,7 @@
     python warmstart.py --baselines                       # scripted buyers' average and the best response only
 
 What it does, top to bottom:
-1. Plays scripted episodes on the TRAIN products: `LadderBuyer` teachers (each game draws its own concession
+1. Plays scripted episodes on the TRAIN products: `env.LadderBuyer` teachers (each game draws its own concession
    schedule) against the scripted seller family `seller_family()` (env.ScriptedSeller, linear concession, its
    exponent and margin jittered per game, so it is Boulware-like in some games and a conceder in others).
 2. Renders each episode into the buyer's token layout exactly as env.LLMPlayer builds it at training time
@@ -17,11 +17,13 @@ What it does, top to bottom:
    WARMSTART.md (command, seed, time, held-out metrics).
 
 Deliberate choices:
-- The price is a copy, not arithmetic: the ladder prompt lists eight offers (30%..95% of the budget) under the
-  letters a..h. A reply is "Thought: <letter>" then either a [BUY] copying that rung's price, or a [DEAL] copying
-  the seller's last price when that price is at or below the chosen rung. The letter is the whole strategy, so
-  GRPO's credit lands on one token per round, and the top rung is below the budget, so a copied price never
-  overshoots. (A 1.6M model supervised on free-form prices learnt the format, not the prices.)
+- No arithmetic and no copying of digits: in the ladder style (env.LADDER) the buyer's actions are eight rungs,
+  30%..95% of its budget, under the letters a..h. A reply is "Thought: <letter>" then "Action: [BUY] <letter>", or
+  "Action: [DEAL]" when the seller's ask sits at or below the chosen rung (the buyer reads "Ask rung: <letter>"
+  after each offer). The letter is the whole strategy, so GRPO's credit lands on one token per round, and the top
+  rung is below the budget, so an offer never overshoots. (A 1.6M model supervised on free-form prices learnt the
+  format, not the prices; an earlier ladder that made the model copy the rung's price slipped digits in 14% of
+  held-out episodes.)
 - The teachers differ only in their schedule of letters (start rung, curvature), so the warm start imitates a
   mixture and GRPO has room to move to the better schedules: `best_response` measures how much room.
 """
@@ -59,42 +61,7 @@ def seller_family(seed: int = 0) -> env.ScriptedSeller:
 # Scripted ladder buyers (the teachers) and the search over their schedules
 
 
-def ladder_reply(scenario: data.Scenario, rung: int, last_sell: float | None) -> str:
-    """The reply of a buyer who bids ladder rung `rung` this round: accept the seller's last price if it is at or
-    below that rung (a cheaper deal than the rung itself), else offer the rung."""
-    bid = env.ladder_prices(scenario.budget)[rung]
-    letter = env.LADDER_LETTERS[rung]
-    if last_sell is not None and last_sell <= bid:
-        return f"Thought: {letter} deal\nTalk: ok\nAction: [DEAL] ${last_sell:,.2f}"
-    return f"Thought: {letter}\nTalk: ok\nAction: [BUY] ${bid:,.2f}"
-
-
-def ramp(start: int, exponent: float, rounds: int = MAX_ROUNDS, top: int = len(env.LADDER) - 1) -> tuple[int, ...]:
-    """Rungs from `start` up to the top rung in the last round; exponent > 1 waits longer before rising."""
-    return tuple(min(top, int(round(start + (top - start) * (t / max(1, rounds - 1)) ** exponent)))
-                 for t in range(rounds))
-
-
-TEACHER_SCHEDULES = [ramp(s, e) for s in range(5) for e in (0.5, 1.0, 2.0)]
-
-
-class LadderBuyer:
-    """A scripted buyer over the ladder. `schedules` is the rung per round of each strategy; with several, each game
-    draws one (seeded by game index), so a batch is a mixture of teachers."""
-
-    def __init__(self, schedules: list[tuple[int, ...]], seed: int = 0):
-        if not schedules:
-            raise ValueError("LadderBuyer needs at least one schedule")
-        self.schedules, self.seed = [tuple(s) for s in schedules], seed
-
-    def reply(self, games: list[env.Game]) -> list[str]:
-        texts = []
-        for g in games:
-            if "buyer" not in g.state:
-                g.state["buyer"] = random.Random(f"{self.seed}:{g.index}").choice(self.schedules)
-            schedule, neg = g.state["buyer"], g.negotiation
-            texts.append(ladder_reply(neg.scenario, schedule[min(neg.round, len(schedule) - 1)], neg.last_sell))
-        return texts
+# The teachers (env.LadderBuyer over env.TEACHER_SCHEDULES) live in env.py, beside the ladder rules they play by.
 
 
 def play_scripted(scenarios, buyer, seller_seed: int = 0) -> list[env.Outcome]:
@@ -107,10 +74,10 @@ def best_response(train, test, seller_seed: int = 0) -> dict:
     k = len(env.LADDER)
     best = None
     for sched in itertools.combinations_with_replacement(range(k), MAX_ROUNDS):
-        r = reward.summarize(play_scripted(train, LadderBuyer([sched]), seller_seed))["reward"]
+        r = reward.summarize(play_scripted(train, env.LadderBuyer([sched]), seller_seed))["reward"]
         if best is None or r > best[0]:
             best = (r, sched)
-    test_metrics = reward.summarize(play_scripted(test, LadderBuyer([best[1]]), seller_seed))
+    test_metrics = reward.summarize(play_scripted(test, env.LadderBuyer([best[1]]), seller_seed))
     return {"schedule": list(best[1]), "train_reward": best[0], "test": test_metrics}
 
 
@@ -118,10 +85,10 @@ def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search:
     """Scripted reference numbers on the held-out products against the seller family: the teachers' mixture,
     each teacher, OG-Narrator (env.ScriptedBuyer), and the best schedule found by search."""
     rep = [s for s in test for _ in range(episodes_per_product)]
-    out = {"teachers": reward.summarize(play_scripted(rep, LadderBuyer(TEACHER_SCHEDULES, seed), seed)),
+    out = {"teachers": reward.summarize(play_scripted(rep, env.LadderBuyer(env.TEACHER_SCHEDULES, seed), seed)),
            "og_narrator": reward.summarize(play_scripted(rep, env.ScriptedBuyer(), seed)),
-           "per_teacher": {"-".join(map(str, s)): reward.summarize(play_scripted(rep, LadderBuyer([s]), seed))["reward"]
-                           for s in TEACHER_SCHEDULES}}
+           "per_teacher": {"-".join(map(str, s)): reward.summarize(play_scripted(rep, env.LadderBuyer([s]), seed))["reward"]
+                           for s in env.TEACHER_SCHEDULES}}
     if search:
         out["best_response"] = best_response(train, rep, seed)
     return out
@@ -137,19 +104,33 @@ class Example:
     mask: list[int]    # 1 on the buyer's reply tokens (and their <|im_end|>), the tokens the policy generates
 
 
-def render_buyer(game: env.Game, fmt: env.ChatFormat) -> Example:
-    """The buyer's side of a scripted episode, token by token as env.LLMPlayer would have built it had the model
-    generated these replies: opening prompt, reply ids + end-of-turn, template delta with the relayed message, ..."""
-    neg = game.negotiation
-    ids = fmt.opening(env.buyer_opening(neg.scenario, "ladder"))
-    mask = [0] * len(ids)
+def buyer_turns(game: env.Game) -> list[dict]:
+    """The buyer's conversation after its opening, as env.LLMPlayer shows it: its own replies, and after each seller
+    turn that is not the last one the buyer's view of it (env.buyer_view: in the ladder style, the action and the
+    rung of the ask)."""
+    neg, last_sell, turns = game.negotiation, None, []
     for i, turn in enumerate(neg.transcript):
         if turn.role == "buyer":
-            reply = fmt.encode(turn.text) + [fmt.eos_id]
-            ids, mask = ids + reply, mask + [1] * len(reply)
-        elif i + 1 < len(neg.transcript):  # a seller message the buyer reads before its next reply
-            ctx = fmt.continuation(turn.relayed, True)
-            ids, mask = ids + ctx, mask + [0] * len(ctx)
+            turns.append({"role": "assistant", "content": turn.text})
+            continue
+        seen = env.parse_action(turn.relayed, "seller")  # the action after regulation, as relayed
+        last_sell = seen.price if seen.kind == "SELL" else last_sell
+        if i + 1 < len(neg.transcript):
+            turns.append({"role": "user", "content": env.buyer_view(turn.relayed, neg.scenario, last_sell, "ladder")})
+    return turns
+
+
+def render_buyer(game: env.Game, fmt: env.ChatFormat) -> Example:
+    """The buyer's side of a scripted episode, token by token as env.LLMPlayer would have built it had the model
+    generated these replies: opening prompt, reply ids + end-of-turn, template delta with the seller's message, ..."""
+    ids = fmt.opening(env.buyer_opening(game.negotiation.scenario, "ladder"))
+    mask = [0] * len(ids)
+    for m in buyer_turns(game):
+        if m["role"] == "assistant":
+            part, bit = fmt.encode(m["content"]) + [fmt.eos_id], 1
+        else:
+            part, bit = fmt.continuation(m["content"], True), 0
+        ids, mask = ids + part, mask + [bit] * len(part)
     return Example(ids, mask)
 
 
@@ -157,20 +138,13 @@ def scripted_games(scenarios, n: int, seed: int) -> list[env.Game]:
     """n teacher-vs-seller episodes on products drawn (with replacement) from `scenarios`."""
     rng = random.Random(seed)
     picks = [rng.choice(scenarios) for _ in range(n)]
-    return env.play(picks, LadderBuyer(TEACHER_SCHEDULES, seed), seller_family(seed), MAX_ROUNDS)
+    return env.play(picks, env.LadderBuyer(env.TEACHER_SCHEDULES, seed), seller_family(seed), MAX_ROUNDS)
 
 
 def transcript_texts(games, tokenizer_free_template) -> list[str]:
     """Plain texts for training the tokenizer: the chat-template rendering of each buyer conversation."""
-    out = []
-    for g in games:
-        neg = g.negotiation
-        msgs = env.buyer_opening(neg.scenario, "ladder")
-        for i, t in enumerate(neg.transcript):
-            msgs.append({"role": "assistant" if t.role == "buyer" else "user",
-                         "content": t.text if t.role == "buyer" else t.relayed})
-        out.append(tokenizer_free_template(msgs))
-    return out
+    return [tokenizer_free_template(env.buyer_opening(g.negotiation.scenario, "ladder") + buyer_turns(g))
+            for g in games]
 
 
 def render_plain(messages: list[dict]) -> str:

@@ -1,0 +1,61 @@
+"""The warm start's supervised data: scripted ladder episodes rendered in exactly the token layout the trainer
+builds when the model generates the same replies (so supervision and GRPO see one and the same sequence)."""
+import pytest
+
+import env
+import warmstart
+from engine import Generation
+
+
+class ReplayEngine:
+    """An engine whose generations are given: call k answers each prompt with the next scripted reply, in the
+    order env.play asks (pending games by index)."""
+    lockstep = False
+
+    def __init__(self, tokenizer, replies_per_call):
+        self.tokenizer, self.calls = tokenizer, list(replies_per_call)
+        self.eos = env.ChatFormat(tokenizer).eos_id
+
+    def generate(self, prompts, temperature, max_tokens, adapter, seed):
+        texts = self.calls.pop(0)
+        assert len(texts) == len(prompts), "the replayed episode diverged from the scripted one"
+        outs = []
+        for text in texts:
+            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos]
+            outs.append(Generation(ids, [0.0] * len(ids), text, True))
+        return outs
+
+
+def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher_games = warmstart.scripted_games(scenarios[:100], 24, seed=3)
+    rounds = max(g.outcome.rounds for g in teacher_games)
+    calls = [[[t.text for t in g.outcome.transcript if t.role == "buyer"][r]
+              for g in teacher_games if g.outcome.rounds > r] for r in range(rounds)]
+    buyer = env.LLMPlayer(ReplayEngine(tok, calls), "buyer", max_tokens=32, style="ladder")
+    replayed = env.play([g.negotiation.scenario for g in teacher_games], buyer, warmstart.seller_family(3),
+                        warmstart.MAX_ROUNDS)
+    fmt = env.ChatFormat(tok)
+    assert {g.outcome.reason for g in teacher_games} == {"deal", "max_rounds"}
+    for teacher, played in zip(teacher_games, replayed):
+        assert (played.outcome.reason, played.outcome.price) == (teacher.outcome.reason, teacher.outcome.price)
+        example, conv = warmstart.render_buyer(teacher, fmt), played.state["buyer"]
+        assert example.ids == conv.ids
+        assert example.mask == conv.mask
+    decoded = tok.decode(warmstart.render_buyer(teacher_games[0], fmt).ids)
+    assert "Ask rung: " in decoded and "Talk:" not in decoded   # the ladder view: action and rung only
+
+
+def test_teachers_never_overshoot_and_the_best_response_beats_them(scenarios):
+    train = scenarios[:60]
+    teachers = warmstart.play_scripted(train, env.LadderBuyer(seed=0))
+    assert not any(o.overshoot or o.reason == "protocol_violation" for o in teachers)
+    best = warmstart.best_response(train[:20], train[20:])
+    # the search covers every non-decreasing schedule, the teachers' among them
+    each_teacher = [sum(o.reward for o in warmstart.play_scripted(train[:20], env.LadderBuyer([s]))) / 20
+                    for s in env.TEACHER_SCHEDULES]
+    assert len(best["schedule"]) == warmstart.MAX_ROUNDS
+    assert best["train_reward"] == pytest.approx(max(each_teacher + [best["train_reward"]]))
+    assert best["train_reward"] > max(each_teacher)   # room above imitation
