@@ -113,7 +113,8 @@ class EvalConfig:
     seed: int = 1234  # sampling seed of the evaluation episodes (the same for before and after)
     buyer_temperature: float = 1.0  # the buyer's temperature in evaluation (the paper: 1.0)
     batch_size: int = 64  # episodes played in lockstep per evaluation chunk (eval.evaluate)
-    scripted: bool = True  # also evaluate the scripted OG-Narrator buyer (env.ScriptedBuyer) against the same seller
+    scripted: bool = True  # also evaluate a scripted buyer against the same seller: the ladder teachers
+    #                        (env.LadderBuyer) in the ladder style, else OG-Narrator (env.ScriptedBuyer)
 
 
 @dataclass

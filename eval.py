@@ -287,7 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--ckpt", action="append", default=[], help="buyer: a checkpoint folder (LoRA adapter), 'base' (the base model, "
-      "no adapter) or 'scripted' (OG-Narrator-style offers); repeat for a comparison table")
+      "no adapter) or 'scripted' (OG-Narrator-style offers; with --style ladder the warm start's teachers, "
+      "env.LadderBuyer); repeat for a comparison table")
     a("--buyer-url", help="buyer: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     a("--buyer-model", help="the model name the buyer endpoint serves")
     a("--buyer-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the buyer endpoint's key")
@@ -566,8 +567,8 @@ def select_adapter(engine, buyer: dict) -> None:
 
 
 def make_buyer(args, engine, endpoints: dict, buyer: dict):
-    if buyer["kind"] == "scripted":
-        return env.ScriptedBuyer()
+    if buyer["kind"] == "scripted":  # the ladder style's own teachers, else OG-Narrator
+        return env.LadderBuyer(seed=args.seed) if args.style == "ladder" else env.ScriptedBuyer()
     if buyer["kind"] == "endpoint":
         return env.ChatPlayer(endpoints["buyer"], "buyer", temperature=args.buyer_temp,
                               max_tokens=args.buyer_max_tokens, description_chars=args.description_chars)

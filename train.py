@@ -555,11 +555,13 @@ def build_engine(cfg, model, tokenizer):
                       tensor_parallel_size=e.tensor_parallel_size)
 
 
-def build_seller(cfg, engine, endpoint, seed: int):
+def build_seller(cfg, engine, endpoint, seed: int, group_size: int = 1):
+    """group_size: in training G, so that a scripted seller's random type is the same for the G episodes of a group
+    (their advantages then measure the buyer's choices, not which seller it drew); in evaluation 1."""
     s, r = cfg.seller, cfg.rollout
     persona = env.load_persona(s.persona) if s.persona and s.kind != "scripted" else ""
     if s.kind == "scripted":
-        return env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=seed)
+        return env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=seed, group_size=group_size)
     if s.kind == "chat":
         return env.ChatPlayer(endpoint, "seller", temperature=s.temperature, max_tokens=s.max_tokens, persona=persona,
                               description_chars=r.description_chars)
@@ -808,8 +810,8 @@ def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_e
     ev = cfg.eval
     products = evaluation.pick_products(test, ev.products or None)
     mine = products[rank()::world()]
-    if name == "scripted":
-        buyer = env.ScriptedBuyer()
+    if name == "scripted":  # the ladder style's teachers (whom the warm start imitates), else OG-Narrator
+        buyer = env.LadderBuyer(seed=ev.seed) if cfg.rollout.style == "ladder" else env.ScriptedBuyer()
     else:
         buyer = build_buyer(cfg, engine, seed=ev.seed, temperature=ev.buyer_temperature)
         buyer.adapter = adapter
@@ -954,7 +956,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         products = step_products(train, step, cfg.rollout.products_per_step, cfg.seed)[rank() * per_rank:][:per_rank]
         seed = rollout_seed(cfg.seed, step, rank())
-        buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500)
+        buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500, G)
         try:
             with generation_weights(cfg, model):  # HF engine on a sharded trainer: the whole model on every rank
                 games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
