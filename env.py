@@ -25,6 +25,7 @@ Standard library only at module level: engines and tokenizers are passed in and 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -660,15 +661,12 @@ def ladder_reply(rung: int, ask: float | None, budget: float) -> str:
     return f"Thought: {letter}\nAction: [BUY] {letter}"
 
 
-def ramp(start: int, exponent: float, rounds: int = 6, top: int = len(LADDER) - 1) -> tuple[int, ...]:
-    """Rungs from `start` up to the top rung in the last round; exponent > 1 waits longer before rising."""
-    return tuple(min(top, int(round(start + (top - start) * (t / max(1, rounds - 1)) ** exponent)))
-                 for t in range(rounds))
-
-
-# The ladder teachers: 15 schedules, start rung a..e, rising to h early, linearly or late. The warm start imitates
-# their mixture; their average is the "scripted" row of a ladder-style run.
-TEACHER_SCHEDULES = [ramp(s, e) for s in range(5) for e in (0.5, 1.0, 2.0)]
+# The ladder teachers: every non-decreasing schedule of rungs over 6 rounds (1,716), one drawn per game. Why all
+# of them: the warm start imitates their mixture, and GRPO can only reweight what the warm start ever does. With
+# 15 hand-made ramps as teachers, GRPO learnt to pick the best ramp and no more (the first rounds' letters of a ramp
+# give away the rest of it); imitating every schedule leaves each round's rung open, so GRPO can move them one by
+# one. Their average is the "scripted" row of a ladder-style run; the best of them is the best response.
+TEACHER_SCHEDULES = list(itertools.combinations_with_replacement(range(len(LADDER)), 6))
 
 
 class LadderBuyer:

@@ -48,14 +48,20 @@ def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
     assert "Ask rung: " in decoded and "Talk:" not in decoded   # the ladder view: action and rung only
 
 
-def test_teachers_never_overshoot_and_the_best_response_beats_them(scenarios):
-    train = scenarios[:60]
-    teachers = warmstart.play_scripted(train, env.LadderBuyer(seed=0))
-    assert not any(o.overshoot or o.reason == "protocol_violation" for o in teachers)
+def test_teachers_are_every_nondecreasing_schedule_and_never_overshoot(scenarios):
+    schedules = env.TEACHER_SCHEDULES
+    assert len(schedules) == len(set(schedules)) == 1716   # C(8 + 6 - 1, 6)
+    assert all(len(s) == 6 and list(s) == sorted(s) and 0 <= s[0] and s[-1] < len(env.LADDER) for s in schedules)
+    outcomes = warmstart.play_scripted(scenarios[:60] * 4, env.LadderBuyer(seed=0))
+    assert not any(o.overshoot or o.reason == "protocol_violation" for o in outcomes)
+
+
+def test_best_response_is_the_best_schedule_and_beats_the_mixture(scenarios):
+    train = scenarios[:40]
     best = warmstart.best_response(train[:20], train[20:])
-    # the search covers every non-decreasing schedule, the teachers' among them
-    each_teacher = [sum(o.reward for o in warmstart.play_scripted(train[:20], env.LadderBuyer([s]))) / 20
-                    for s in env.TEACHER_SCHEDULES]
-    assert len(best["schedule"]) == warmstart.MAX_ROUNDS
-    assert best["train_reward"] == pytest.approx(max(each_teacher + [best["train_reward"]]))
-    assert best["train_reward"] > max(each_teacher)   # room above imitation
+    mean = lambda outcomes: sum(o.reward for o in outcomes) / len(outcomes)
+    some = env.TEACHER_SCHEDULES[::97] + [tuple(best["schedule"])]
+    each = {s: mean(warmstart.play_scripted(train[:20], env.LadderBuyer([s]))) for s in some}
+    assert each[tuple(best["schedule"])] == pytest.approx(best["train_reward"]) == pytest.approx(max(each.values()))
+    mixture = mean(warmstart.play_scripted(train[:20] * 8, env.LadderBuyer(seed=0)))
+    assert best["train_reward"] > mixture + 0.05   # room above imitation
