@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import ChatEndpoint, EndpointError, Generation, HFEngine, api_base, dedupe, stop_token_ids
+from conftest import randomise_lora_b
 from model import ModelConfig, load_policy
 
 TOL = 1e-5  # float32: engine and recomputation differ only by padding/cache summation order
@@ -17,11 +18,7 @@ TOL = 1e-5  # float32: engine and recomputation differ only by padding/cache sum
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
     m, tok = load_policy(ModelConfig(name=tiny_model_dir, dtype="float32"), verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-zero adapter, so that adapter on and off are different models
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    randomise_lora_b(m, 0.5, seed=0)  # a non-zero adapter, so that adapter on and off are different models
     return m, tok
 
 

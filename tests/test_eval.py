@@ -17,7 +17,7 @@ import env
 import eval as evaluation
 import report
 import reward
-from conftest import vllm_server
+from conftest import randomise_lora_b, vllm_server
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -169,17 +169,12 @@ def test_cli_errors_before_any_episode(argv, message, tmp_path):
 def tiny_ckpt(tmp_path_factory, tiny_model_dir):
     """A checkpoint laid out like train.py's: step_NNNNNN/adapter (peft) + config.yaml, with a non-zero adapter so
     that the trained buyer and the base model are different players."""
-    import torch
     import yaml
 
     import model
 
     peft_model, _ = model.load_policy(model.ModelConfig(name=tiny_model_dir, dtype="float32"), verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    randomise_lora_b(peft_model, 0.5, seed=0)
     step = tmp_path_factory.mktemp("run") / "step_000002"
     peft_model.save_pretrained(str(step / "adapter"))
     config = {"model": {"name": tiny_model_dir, "dtype": "float32"},

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import model
+from conftest import randomise_lora_b
 from model import ModelConfig, load_policy, trainable_by_module_type
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -26,13 +27,6 @@ def logits_of(m, ids):
         return m(torch.tensor([ids])).logits[0]
 
 
-def perturb_lora_b(m, scale=0.5, seed=0):
-    """LoRA B starts at zero (adapter = identity); give it random values so that the adapter matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +163,7 @@ def test_adapter_round_trips_through_peft_from_pretrained(tiny_model_dir, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     m, _ = load_policy(ModelConfig(name=tiny_model_dir, dtype="float32"), verbose=False)
-    perturb_lora_b(m)
+    randomise_lora_b(m)
     m.save_pretrained(str(tmp_path / "adapter"))
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "adapter"))
     ids = [1, 20, 30, 40, 2]
@@ -212,7 +206,7 @@ def test_moe_adapter_round_trips(tiny_moe_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     m, _ = load_policy(ModelConfig(name=tiny_moe_dir, dtype="float32", lora_target_parameters=EXPERTS), verbose=False)
-    perturb_lora_b(m, scale=0.2)
+    randomise_lora_b(m, 0.2)
     m.save_pretrained(str(tmp_path / "adapter"))
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_moe_dir), str(tmp_path / "adapter"))
     ids = [1, 20, 30, 40, 2]

@@ -13,7 +13,7 @@ vllm = pytest.importorskip("vllm")
 
 from engine import ChatEndpoint, generation_mode  # noqa: E402
 from model import ModelConfig, load_policy  # noqa: E402
-from conftest import vllm_server  # noqa: E402
+from conftest import randomise_lora_b, vllm_server  # noqa: E402
 from vllm_engine import (  # noqa: E402
     FreshnessProbe, StaleEngineError, VLLMEngine, check_freshness, merged_hf_weights, split_fused_experts,
     token_logprobs)
@@ -21,18 +21,10 @@ from vllm_engine import (  # noqa: E402
 TOL = 1e-4  # float32 on both sides; measured max |diff| ~1e-6 (different kernels, same math)
 
 
-def randomise_lora_b(m, std: float, generator=None) -> None:
-    """Non-zero LoRA B matrices (peft starts them at 0), so that adapter on and off are different models."""
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
 def fresh_policy(model_dir, seed=0):
     """A peft model whose adapter is non-zero, so that adapter on and off are different models."""
     m, tok = load_policy(ModelConfig(name=model_dir, dtype="float32", lora_r=8, lora_alpha=16), verbose=False)
-    randomise_lora_b(m, 0.3, torch.Generator().manual_seed(seed))
+    randomise_lora_b(m, 0.3, seed=seed)
     return m, tok
 
 
@@ -236,7 +228,7 @@ def test_merged_weights_include_lora_on_fused_experts(tiny_moe_dir):
     cfg = ModelConfig(name=tiny_moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
                       lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     m, _ = load_policy(cfg, verbose=False)
-    randomise_lora_b(m, 0.5)
+    randomise_lora_b(m, 0.5, seed=None)
     pushed = dict(merged_hf_weights(m, dtype=torch.float32))
     plain = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -269,7 +261,7 @@ def test_merged_weights_from_a_4bit_base_reproduce_the_qlora_model(tiny_model_di
 
     m, _ = load_policy(ModelConfig(name=tiny_model_dir, dtype="bfloat16", quantization="4bit", lora_r=8,
                                    lora_alpha=16), verbose=False)
-    randomise_lora_b(m, 0.3)
+    randomise_lora_b(m, 0.3, seed=None)
     pushed = dict(merged_hf_weights(m, dtype=torch.bfloat16))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
