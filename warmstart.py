@@ -10,7 +10,8 @@ What it does, top to bottom:
    exponent and margin jittered per game, so it is Boulware-like in some games and a conceder in others).
 2. Renders each episode into the buyer's token layout exactly as env.LLMPlayer builds it at training time
    (env.ChatFormat: opening with the "ladder" prompt style, the generated reply ids + <|im_end|>, then the
-   template delta holding the seller's relayed message), with mask 1 on the buyer's reply tokens only.
+   template delta holding the buyer's view of the seller's turn, env.buyer_view), with mask 1 on the buyer's reply
+   tokens only.
 3. Builds the tiny model with model.build_tiny_model (tokenizer trained on these transcripts) and supervises it
    with plain AdamW on the masked next-token loss.
 4. Evaluates it on the held-out products against the same seller family and writes the checkpoint folder with
