@@ -32,7 +32,6 @@ Deliberate choices:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -74,7 +73,7 @@ def best_response(train, test, seller_seed: int = 0) -> dict:
     """Search every non-decreasing ladder schedule (1,716 of them, the teachers' set) against the seller family on
     the train products; report the best one's metrics on the test products (chosen on train, not on test)."""
     best = None
-    for sched in itertools.combinations_with_replacement(range(len(env.LADDER)), MAX_ROUNDS):
+    for sched in env.TEACHER_SCHEDULES:
         r = reward.summarize(play_scripted(train, env.LadderBuyer([sched]), seller_seed))["reward"]
         if best is None or r > best[0]:
             best = (r, sched)
@@ -184,9 +183,8 @@ def evaluate_buyer(model, tokenizer, scenarios, episodes_per_product: int = 4, s
 
 
 def train(out_dir: str, *, seed: int = 0, episodes: int = 20000, steps: int = 800, minutes: float = 0.0,
-          batch_size: int = 32,
-          lr: float = 2e-3, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
-          intermediate_size: int = 384, vocab_size: int = 768, eval_episodes_per_product: int = 2,
+          batch_size: int = 32, lr: float = 2e-3, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+          num_kv_heads: int = 2, intermediate_size: int = 384, vocab_size: int = 768, eval_episodes_per_product: int = 2,
           threads: int = 0, init: str = "") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
