@@ -691,6 +691,12 @@ class LadderBuyer:
         return texts
 
 
+def scripted_buyer(style: str, seed: int = 0):
+    """The scripted reference buyer for a prompt style: the ladder teachers in the ladder style (whom a ladder warm
+    start imitates), OG-Narrator otherwise."""
+    return LadderBuyer(seed=seed) if style == "ladder" else ScriptedBuyer()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The lockstep runner
 

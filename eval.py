@@ -567,8 +567,8 @@ def select_adapter(engine, buyer: dict) -> None:
 
 
 def make_buyer(args, engine, endpoints: dict, buyer: dict):
-    if buyer["kind"] == "scripted":  # the ladder style's own teachers, else OG-Narrator
-        return env.LadderBuyer(seed=args.seed) if args.style == "ladder" else env.ScriptedBuyer()
+    if buyer["kind"] == "scripted":
+        return env.scripted_buyer(args.style, seed=args.seed)
     if buyer["kind"] == "endpoint":
         return env.ChatPlayer(endpoints["buyer"], "buyer", temperature=args.buyer_temp,
                               max_tokens=args.buyer_max_tokens, description_chars=args.description_chars)

@@ -810,8 +810,8 @@ def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_e
     ev = cfg.eval
     products = evaluation.pick_products(test, ev.products or None)
     mine = products[rank()::world()]
-    if name == "scripted":  # the ladder style's teachers (whom the warm start imitates), else OG-Narrator
-        buyer = env.LadderBuyer(seed=ev.seed) if cfg.rollout.style == "ladder" else env.ScriptedBuyer()
+    if name == "scripted":
+        buyer = env.scripted_buyer(cfg.rollout.style, seed=ev.seed)
     else:
         buyer = build_buyer(cfg, engine, seed=ev.seed, temperature=ev.buyer_temperature)
         buyer.adapter = adapter

@@ -313,6 +313,12 @@ def test_ladder_buyer_plays_by_the_ladder_rules_and_never_overshoots(scenarios):
     assert {g.outcome.reason for g in games} == {"deal", "max_rounds"}
 
 
+def test_scripted_buyer_of_a_style():
+    assert isinstance(env.scripted_buyer("ladder"), env.LadderBuyer)
+    assert isinstance(env.scripted_buyer("compact"), env.ScriptedBuyer)
+    assert isinstance(env.scripted_buyer("full"), env.ScriptedBuyer)
+
+
 def test_ladder_buyer_reads_the_sellers_action_and_the_rung_of_the_ask():
     relayed = "Talk: x\nAction: [SELL] $60.00 (1x B0TEST0001)"
     assert env.buyer_view(relayed, S, 60.0, "ladder") == "Seller [SELL] $60.00\nAsk rung: f"
