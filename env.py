@@ -74,6 +74,11 @@ _TAG = re.compile(r"\[(BUY|SELL|DEAL|REJECT|QUIT)\]", re.IGNORECASE)
 _MONEY = re.compile(r"(?<![\w.,-])\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d{1,2})?)(?![\d.]\d|\d|,\d)")
 
 
+def _last_action_line(lines: list[str]) -> int | None:
+    """The index of the line that holds a reply's action: the last one starting with 'Action:'."""
+    return next((i for i in range(len(lines) - 1, -1, -1) if _ACTION_LINE.match(lines[i])), None)
+
+
 def parse_action(text: str, role: str) -> Action:
     """The action of a reply: the LAST line starting with 'Action:'; its first tag; for priced tags the first
     money amount after the tag. Raises ProtocolError for anything else."""
@@ -81,10 +86,11 @@ def parse_action(text: str, role: str) -> Action:
         raise ValueError(f"role must be 'buyer' or 'seller', got {role!r}")
     if not isinstance(text, str):
         raise ProtocolError(f"reply is not text: {type(text).__name__}")
-    lines = [line for line in text.splitlines() if _ACTION_LINE.match(line)]
-    if not lines:
+    lines = text.splitlines()
+    i = _last_action_line(lines)
+    if i is None:
         raise ProtocolError("no line starting with 'Action:'")
-    line = lines[-1]
+    line = lines[i]
     tag = _TAG.search(line)
     if not tag:
         raise ProtocolError(f"no [BUY]/[SELL]/[DEAL]/[REJECT]/[QUIT] tag on the action line: {line.strip()!r}")
@@ -331,10 +337,9 @@ def expand_ladder(text: str, budget: float, last_sell: float | None) -> str:
     [BUY] becomes that rung's price, and a [DEAL] with no price gets the seller's last offer. Anything else is
     returned unchanged (and parsed, or rejected, by the ordinary rules)."""
     lines = text.splitlines() if isinstance(text, str) else []
-    actions = [i for i, line in enumerate(lines) if _ACTION_LINE.match(line)]
-    if not actions:
+    i = _last_action_line(lines)
+    if i is None:
         return text
-    i = actions[-1]
     line = lines[i]
     tag = _TAG.search(line)
     if not tag:
