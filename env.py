@@ -623,10 +623,15 @@ class ScriptedSeller:
 
 
 class ScriptedBuyer:
-    """OG-Narrator-style offers (Xia et al.): bid(t) = budget * (start + (end - start) * (t/(T-1))^exponent).
+    """OG-Narrator's offer generator (Xia et al., BuyerAgent.OGNarratorAgent.think_action with the linear
+    utils.Strategy): bid(t) = budget * (start + (end - start) * (t/(T-1))^exponent) in round t = 0..T-1.
 
-    It accepts the seller's latest offer once that offer is no higher than its own bid this round; in the last
-    round it accepts any offer within budget, else quits. Defaults are Xia et al.'s 0.5 -> 1.0, linear.
+    Each round it accepts ([DEAL]) the seller's latest offer if that is strictly below this round's bid, and
+    otherwise bids. There is no special last round: in round T-1 the bid is end x budget (the full budget with Xia
+    et al.'s defaults 0.5 -> 1.0, linear), so an ask still above it gets [BUY] $budget, never [QUIT], and the rules
+    then let the seller take it or end the game at the round limit. Where ours departs from theirs: theirs accepts
+    its best (lowest) seller offer so far, ours the latest, because our [DEAL] must copy the most recent offer (the
+    scripted sellers' asks never rise, so the two agree against them).
     """
 
     def __init__(self, start: float = 0.5, end: float = 1.0, exponent: float = 1.0):
@@ -645,11 +650,8 @@ class ScriptedBuyer:
             t = neg.round  # rounds already played; this reply starts round t + 1
             bid = min(self.bid(s, t, neg.max_rounds), s.budget)
             ask = neg.last_sell
-            last = t + 1 >= neg.max_rounds
-            if ask is not None and ask <= s.budget and (ask <= bid or last):
-                texts.append(_reply_text(f"${ask:.2f} is acceptable.", "Deal.", Action("DEAL", ask), s.codename))
-            elif last:
-                texts.append(_reply_text("No acceptable offer.", "Too expensive for me, goodbye.", Action("QUIT"),
+            if ask is not None and ask < bid:
+                texts.append(_reply_text(f"${ask:.2f} is below my bid of ${bid:.2f}.", "Deal.", Action("DEAL", ask),
                                          s.codename))
             else:
                 texts.append(_reply_text(f"Offer {bid / s.budget:.0%} of what I can pay.",

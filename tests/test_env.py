@@ -391,9 +391,41 @@ def test_personas():
 def test_scripted_buyer_og_narrator_offers():
     g = env.play([S], env.ScriptedBuyer(), env.ScriptedSeller("hardliner"))[0]
     offers = [t.action.price for t in g.outcome.transcript if t.role == "buyer" and t.action.kind == "BUY"]
-    # 0.5 -> 1.0 of the budget over 6 rounds: 40, 48, 56, 64, 72 then the last round quits (no ask <= 80)
-    assert offers == [40.0, 48.0, 56.0, 64.0, 72.0]
-    assert g.outcome.reason == "quit"
+    # 0.5 -> 1.0 of the budget 80 over 6 rounds: 40, 48, 56, 64, 72, 80. The hard-liner (exponent 0.1, margin
+    # 15%: floor 57.50) asks 57.5 + 42.5 * (1 - (t/5)^10) = 100, 100, 100, 99.74, 95.44 in rounds 1-5, all above the
+    # bids. In round 6 its ask 95.44 is above the budget: Xia's generator bids the full $80 (it used to quit here),
+    # and the seller's last ask, its floor 57.50, is below $80, so it takes it: a deal at the budget, reward 0/30.
+    assert offers == [40.0, 48.0, 56.0, 64.0, 72.0, 80.0]
+    asks = [t.action.price for t in g.outcome.transcript if t.role == "seller" and t.action.kind == "SELL"]
+    assert asks == [100.0, 100.0, 100.0, 99.74, 95.44]
+    assert g.outcome.transcript[-1].action == Action("DEAL", 80.0)
+    assert (g.outcome.reason, g.outcome.price, g.outcome.rounds, g.outcome.reward) == ("deal", 80.0, 6, 0.0)
+
+
+def test_scripted_buyer_bids_its_budget_in_the_last_round_and_the_round_limit_ends_it():
+    # CI: list 50, budget 40, cost 45. The hard-liner's floor is min(45 * 1.15, 50) = 50, so it asks $50 every
+    # round. Bids 20, 24, 28, 32, 36, then the full budget $40 in round 6 ([BUY], not [QUIT]); the seller answers
+    # $50 > $40 and the round limit ends the game without a deal: reward 0, a CI walk-away.
+    g = env.play([CI], env.ScriptedBuyer(), env.ScriptedSeller("hardliner"))[0]
+    buyer = [t.action for t in g.outcome.transcript if t.role == "buyer"]
+    assert buyer == [Action("BUY", p) for p in (20.0, 24.0, 28.0, 32.0, 36.0, 40.0)]
+    assert (g.outcome.reason, g.outcome.price, g.outcome.rounds, g.outcome.reward) == ("max_rounds", None, 6, 0.0)
+
+
+def test_scripted_buyer_accepts_only_an_ask_strictly_below_its_bid():
+    # Xia's deal condition: DEAL once the ask is below this round's bid, strictly. Bids 40, 48, 56, 64, ... (S:
+    # budget 80, cost 50). A seller asking $60 then $56.00 meets round 3's bid 80 * 0.7 = $56.00 exactly: the buyer
+    # bids $56.00 (no DEAL); the seller's $55.99 in round 3 is below round 4's bid $64.00, so it takes that:
+    # reward (80 - 55.99) / 30.
+    class Asks:
+        def reply(self, games):
+            return [msg(f"[SELL] ${(60.0, 56.0, 55.99)[g.negotiation.round - 1]:.2f}") for g in games]
+
+    g = env.play([S], env.ScriptedBuyer(), Asks())[0]
+    buyer = [t.action for t in g.outcome.transcript if t.role == "buyer"]
+    assert buyer == [Action("BUY", 40.0), Action("BUY", 48.0), Action("BUY", 56.0), Action("DEAL", 55.99)]
+    assert (g.outcome.reason, g.outcome.price, g.outcome.interventions) == ("deal", 55.99, 0)
+    assert g.outcome.reward == pytest.approx(24.01 / 30, abs=1e-12)
 
 
 def test_scripted_seller_concedes_and_never_below_cost():
@@ -444,7 +476,7 @@ def test_soak_10000_scripted_episodes(scenarios):
         else:
             assert o.price is None
     reasons = {o.reason for o in outcomes}
-    assert {"deal", "quit"} <= reasons
+    assert {"deal", "max_rounds"} <= reasons   # OG-Narrator never quits: its last bid is the budget
 
 
 # --- the token layout of an LLM player (real tiny tokenizer and model, HF engine) ---------------------------------
