@@ -4,8 +4,27 @@
           =  0                                   no deal
           =  clip((budget - price) / room, -1, 1)  a deal, room = max(|budget - cost|, 1)
 
-`room` is the size of the bargaining zone, floored at $1 so that a razor-thin zone cannot blow the reward up
-(Xia et al.'s normalised profit). A deal at the seller's cost in an MI scenario scores 1; at the budget, 0.
+`room` is the size of the bargaining zone, floored at $1 so that a razor-thin zone cannot blow the reward up.
+A deal at the seller's cost in an MI scenario scores 1 when the zone is at least $1 wide (else budget - cost);
+at the budget, 0.
+
+Where this differs from Xia et al.'s normalised buyer profit (their eval.py, Metrics.evaluate):
+- The room floor. For 0 <= budget - cost < 1 they replace the budget by cost + 1 as well as setting room = 1
+  (for -1 < budget - cost < 0, by cost - 1), so a deal at D scores cost + 1 - D there; ours keeps the budget and
+  scores budget - D. Example: budget 10.00, cost 9.80, deal at 9.90: theirs 0.9, ours 0.1.
+- Ties. A scenario with budget == cost is MI for them (CI means cost > budget), CI for us (MI means
+  budget > cost; data.Scenario.mi and EpisodeStats.mi). Their budget is also 0.8 x list price unrounded, ours
+  rounded to the cent, so on AmazonHistoryPrice six products (none held out) are ties only for us: for them
+  budget - cost = 0.002, MI, and the floor applies.
+- What is averaged. Theirs is a per-deal figure, averaged over the valid sessions that closed a deal, MI and CI
+  apart; a session with an invalid action (unparseable, fake deal) is left out, not scored, and a session without
+  a deal has no value. Ours scores every episode: 0 without a deal, -1 for a violation. Our `bargained_ratio`
+  (MI deals only) is the figure that compares with theirs.
+- Over budget. They have no budget rule: a deal above the budget counts, with its negative profit, unbounded.
+  Ours is a budget violation, -1, and the score is clipped to [-1, 1] (with the regulated seller and the budget
+  rule a deal already lands in [0, 1]; a CI deal is only possible at a tie, at 0).
+- The price. Theirs is the amount written in the DEAL (it need only be within $0.01 of an offer, any earlier
+  offer of the other side, not only the latest); ours is the offer's own price.
 """
 
 from __future__ import annotations

@@ -32,9 +32,19 @@ def test_no_deal_is_zero_and_violation_is_minus_one():
 
 
 def test_room_floor_of_one_dollar():
-    # budget 10.00, cost 9.80: |b - c| = 0.2 < 1 -> room = 1. Deal at 9.90 -> (10 - 9.9) / 1 = 0.1
+    # budget 10.00, cost 9.80: |b - c| = 0.2 < 1 -> room = 1. Deal at 9.90 -> (10 - 9.9) / 1 = 0.1. The budget is
+    # kept: Xia et al. would also move it to cost + 1 = 10.80 and score (10.8 - 9.9) / 1 = 0.9 (reward.py docstring).
     assert score(10.0, 9.8, 9.9) == pytest.approx(0.1, abs=1e-12)
     assert reward.room(10.0, 9.8) == 1.0
+    assert score(10.0, 9.8, 9.8) == pytest.approx(0.2, abs=1e-12)   # at cost: budget - cost, not 1
+
+
+def test_tie_budget_equals_cost_is_ci():
+    # budget == cost: CI for us (MI needs budget > cost), MI for Xia et al. A deal can only be at the tie: 0 / 1.
+    tie = _ep(budget=50.0, cost=50.0, reason="deal", price=50.0, reward=score(50.0, 50.0, 50.0))
+    assert not tie.mi and tie.reward == 0.0
+    split = summarize_split([tie])
+    assert split["MI"]["episodes"] == 0 and split["CI"]["episodes"] == 1
 
 
 def test_ci_scenario_uses_absolute_room():
