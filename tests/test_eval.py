@@ -107,7 +107,7 @@ def test_resume_after_interruption_gives_the_same_records(products, tmp_path):
     full = evaluation.evaluate(env.ScriptedBuyer(), env.ScriptedSeller("linear"), products, **kw)
     path = tmp_path / "episodes.jsonl"
     with pytest.raises(KeyboardInterrupt):  # in the third chunk: two chunks done, the third one part done
-        evaluation.evaluate(env.ScriptedBuyer(), Interrupting(env.ScriptedSeller("linear"), after=13), products,
+        evaluation.evaluate(env.ScriptedBuyer(), Interrupting(env.ScriptedSeller("linear"), after=14), products,
                             out_path=path, **kw)
     kept = evaluation.read_records(path)
     assert 16 < len(kept) < 24
