@@ -153,11 +153,20 @@ class TRLBatch:
                 "old_per_token_logps": old[sl], "num_items_in_batch": num_items}
 
 
+def placeholder_dataset(n: int):
+    """The `train_dataset` GRPOTrainer insists on (it never reads it here), built with a fixed fingerprint.
+    Without one, `datasets` fingerprints the new dataset by pickling its state with dill, and dill pickles by
+    value every module it does not take for an installed one: .venv-bench's pyarrow when that folder is not under
+    the running venv's prefix, which then fails on pyarrow's MonthDayNano ("not found as builtins.MonthDayNano")."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    return Dataset(pa.table({"prompt": ["x"] * n}), fingerprint="nego-grpo-bench-placeholder")
+
+
 def make_trl_trainer(trl, model, tokenizer, cfg, n_episodes: int, out_dir: str):
     """A GRPOTrainer around `model` with our loss settings; only its loss machinery is used (the chunking into
     per-device batches is TRLBatch's, so its batch-size fields only need to be valid)."""
-    from datasets import Dataset
-
     t, r = cfg.train, cfg.rollout
     args = trl.GRPOConfig(
         output_dir=out_dir, use_cpu=not torch.cuda.is_available(), report_to=[], fp16=False,
@@ -167,7 +176,7 @@ def make_trl_trainer(trl, model, tokenizer, cfg, n_episodes: int, out_dir: str):
         temperature=r.buyer_temperature, loss_type="dapo", beta=0.0, epsilon=t.eps_low, epsilon_high=t.eps_high,
         learning_rate=t.lr, max_grad_norm=t.grad_clip, logging_steps=10**9, save_strategy="no",
         disable_dropout=True, gradient_checkpointing=cfg.model.gradient_checkpointing)  # TRL defaults to True
-    dataset = Dataset.from_list([{"prompt": "x"}] * n_episodes)
+    dataset = placeholder_dataset(n_episodes)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                               args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = trainer.args.steps_per_generation  # normaliser = all tokens

@@ -24,3 +24,62 @@ def test_bench_rejects_an_unknown_measurement(tmp_path):
     proc = subprocess.run([sys.executable, "bench/run.py", "--only", "rollout", "--out", str(tmp_path / "r.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown" in proc.stderr and "rollouts" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The TRL row of the update benchmark: TRL's own loss, checked equal to ours (skipped without the side install)
+
+sys.path.insert(0, str(ROOT / "bench"))
+TRL_INSTALL = ("TRL side install absent: pip install --target .venv-bench --no-deps trl==1.16.0 datasets==5.2.0 "
+               "pandas==3.1.1 pyarrow==26.0.1 multiprocess==0.70.19 xxhash==4.1.0 (bench/README.md)")
+
+
+def trl_or_skip():
+    import pytest
+
+    import update
+
+    trl = update.import_trl()
+    if trl is None:
+        pytest.skip(TRL_INSTALL)
+    return trl
+
+
+def test_trl_placeholder_dataset_is_never_fingerprinted(monkeypatch):
+    """datasets fingerprints a new Dataset by pickling it with dill, which fails on pyarrow's MonthDayNano when the
+    side install lies outside the venv's prefix (issue 14). The TRL row must not depend on where that is."""
+    trl_or_skip()
+    import datasets.arrow_dataset
+
+    import update
+
+    def fail(dataset):
+        raise AssertionError("the placeholder dataset was fingerprinted")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", fail)
+    assert len(update.placeholder_dataset(8)) == 8
+
+
+def test_trl_row_runs_and_matches_ours(tiny_model_dir, tmp_path):
+    """The TRL row end to end on 4 puppet episodes of the tiny model: GRPOTrainer built as bench/run.py builds it,
+    its loss and gradient equal to train.py's (update.check_equal raises otherwise), then one timed-path update."""
+    trl = trl_or_skip()
+    import copy
+
+    import harness
+    import rollouts
+    import update
+    from engine import HFEngine
+
+    cfg, _ = harness.load_bench_config(None, ["rollout.products_per_step=2", "rollout.group_size=2"])
+    policy, tokenizer = harness.load_bench_policy(tiny_model_dir, cfg)
+    scenarios = harness.step_scenarios(harness.train_scenarios(cfg), 2, 2)
+    games = rollouts.rollout_batched(HFEngine(policy, tokenizer), cfg, scenarios, seed=0)["games"]
+    convs, adv = update.recorded_batch(games, cfg.rollout.group_size)
+    trl_model = copy.deepcopy(policy)
+    trainer = update.make_trl_trainer(trl, trl_model, tokenizer, cfg, len(convs), str(tmp_path))
+    batch = update.TRLBatch(convs, adv, tokenizer.pad_token_id, 2)
+    check = update.check_equal(policy, trl_model, trainer, convs, adv, cfg, tokenizer.pad_token_id, batch)
+    assert check["trl_loss_diff"] <= 1e-5 and check["trl_grad_rel_diff"] <= 1e-4
+    out = update.trl_update(trainer, trl_model, update.adamw(trl_model, cfg), batch, cfg.train.grad_clip)
+    assert out["grad_norm"] > 0
