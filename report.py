@@ -127,6 +127,11 @@ def paper_table() -> tuple[list[str], list[list[str]]]:
     return head, [[n, fmt(r), fmt(d, "pct"), fmt(b), fmt(o, "pct")] for n, r, d, b, o in PAPER_TABLE]
 
 
+def reply_limit(max_tokens) -> str:
+    """A side's token limit per reply as the report names it; an unset one (absent, None or 0) is no limit."""
+    return f"up to {max_tokens} tokens" if max_tokens else "no limit"
+
+
 def run_table(info: dict) -> list[tuple[str, str]]:
     """What was run, as (what, value) pairs."""
     p = info.get("protocol", {})
@@ -148,7 +153,9 @@ def run_table(info: dict) -> list[tuple[str, str]]:
     items += [("seller", seller), ("personas", ", ".join(info.get("persona_names", []))),
               ("temperatures", f"buyer {p.get('buyer_temp')}, seller {p.get('seller_temp')}"),
               ("episodes", f"{p.get('episodes')} per product, at most {p.get('max_rounds')} rounds, "
-                           f"{p.get('max_tokens')} tokens per reply, prompt style {p.get('style')}"),
+                           f"prompt style {p.get('style')}"),
+              ("reply length", f"buyer {reply_limit(p.get('buyer_max_tokens'))}, "
+                               f"seller {reply_limit(p.get('seller_max_tokens'))}"),
               ("products", f"{info.get('n_products')} held-out ({info.get('mi_products')} MI, "
                            f"{info.get('n_products', 0) - info.get('mi_products', 0)} CI) of a {p.get('test_size')}-"
                            f"product test split (split seed {p.get('split_seed')}) from {p.get('data')}"),
