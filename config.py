@@ -191,6 +191,12 @@ class Config:
             need(s.kind != "llm", "engine.sync_strategy",
                  "a merged engine holds the policy, so it cannot also be the base-model seller: use adapter, "
                  "or a scripted / chat seller")
+        if e.kind == "vllm" and e.sync_strategy == "adapter":
+            experts = [p for p in self.model.lora_target_parameters if "experts" in p]
+            both = {"gate_up_proj", "down_proj"} <= {p.rsplit(".", 1)[-1] for p in experts}
+            need(not experts or both, "model.lora_target_parameters",
+                 "vLLM converts peft's fused expert LoRA only when both mlp.experts.gate_up_proj and "
+                 "mlp.experts.down_proj are adapted: target both, or neither, or use engine.sync_strategy=merged")
         need(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1 (1 = one engine per rank)")
         if e.tensor_parallel_size > 1:
             need(e.kind == "vllm", "engine.tensor_parallel_size",

@@ -16,7 +16,11 @@ Deliberate choices:
   of a group must call `generate` the same number of times (an empty list is a valid call).
 - Two weight-sync strategies. "adapter" saves the LoRA adapter (peft format) to a fresh folder and registers it
   as a new LoRARequest: nothing is merged, one copy of the base serves the buyer (adapter=True) and the seller
-  (adapter=False), and the sync costs one small file write. "merged" merges LoRA into the *dequantised* base
+  (adapter=False), and the sync costs one file write. LoRA on fused 3-D experts (Qwen3-MoE in transformers 5)
+  is written as peft stores it, four tensors per layer, and vLLM is told so (`enable_mixed_moe_lora_format`
+  on the engine, `is_3d_lora_weight` on the request): it splits them into its per-expert gate/up/down buffers
+  (tests/test_vllm_engine.py checks every expert's delta against peft's). Writing vLLM's per-expert names
+  ourselves instead would mean 36,864 tensors per sync for the 30B (48 layers x 128 experts x 3 x 2). "merged" merges LoRA into the *dequantised* base
   weights (merging into 4-bit weights would change them) and pushes every weight with vLLM's public
   `collective_rpc("reload_weights", weights_iterator=...)`, in HF checkpoint names, fused 3-D experts split
   per expert. Every weight, not only the adapted ones: vLLM reloads a fused layer (qkv_proj, gate_up_proj,
@@ -95,6 +99,9 @@ class VLLMEngine:
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
             distributed_executor_backend="external_launcher" if under_torchrun() else None,
             enable_lora=sync_strategy == "adapter", max_loras=1,
+            # Qwen3-MoE in vLLM adapts experts with its per-expert (2-D) LoRA wrapper; peft writes fused 3-D
+            # expert LoRA. This flag makes vLLM convert the latter at load (use_adapter sets is_3d_lora_weight).
+            **({"enable_mixed_moe_lora_format": True} if sync_strategy == "adapter" and has_experts(model_path) else {}),
             max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= max_lora_rank),
             enable_sleep_mode=self.on_gpu if enable_sleep_mode is None else enable_sleep_mode,
             logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
@@ -208,7 +215,8 @@ class VLLMEngine:
         if self.sync_strategy != "adapter":
             raise ValueError("use_adapter() needs sync_strategy='adapter' (a merged engine has LoRA disabled)")
         lora_id = self.version + 1
-        new = LoRARequest(lora_name=f"policy-v{lora_id}", lora_int_id=lora_id, lora_path=path)
+        new = LoRARequest(lora_name=f"policy-v{lora_id}", lora_int_id=lora_id, lora_path=path,
+                          is_3d_lora_weight=adapts_fused_experts(path))
         old, self.lora_request = self.lora_request, new
         if old is not None:  # free the single adapter slot first; delete the old folder only if we wrote it
             self.llm.llm_engine.remove_lora(old.lora_int_id)
@@ -247,6 +255,28 @@ class VLLMEngine:
         if not self._cpu_sleep_notice_shown:
             print("vllm_engine: sleep mode is GPU-only; sleep()/wake_up() do nothing on CPU")
             self._cpu_sleep_notice_shown = True
+
+
+# ---- fused-expert LoRA ----------------------------------------------------------------------------------------
+
+def has_experts(model_path: str) -> bool:
+    """Whether the checkpoint is a mixture of experts (its config names a number of experts)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
+
+
+def adapts_fused_experts(adapter_path: str) -> bool:
+    """Whether a peft adapter folder holds LoRA on fused 3-D expert parameters (peft's `target_parameters`:
+    mlp.experts.gate_up_proj and mlp.experts.down_proj, stored as `experts.base_layer.lora_A/B` and
+    `experts.lora_A/B`, A rows expert-major, B columns rank-major). vLLM must be told (is_3d_lora_weight) to
+    split them into its per-expert gate (w1), down (w2) and up (w3) buffers."""
+    import json
+
+    with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+        targets = json.load(f).get("target_parameters") or []
+    return any("experts" in t for t in targets)
 
 
 # ---- distributed helpers --------------------------------------------------------------------------------------

