@@ -62,7 +62,7 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # nn.Linear names to adapt
     lora_target_parameters: list[str] = field(default_factory=list)  # fused 3-D expert params, e.g. "mlp.experts.gate_up_proj"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    attn_implementation: str = "auto"  # "auto" = flash_attention_2 if installed and on CUDA, else sdpa
+    attn_implementation: str = "auto"  # "auto" = flash_attention_2 if flash-attn's CUDA kernels load, else sdpa
     gguf_file: str = ""  # load weights from this GGUF file inside `name` (dequantised by transformers)
     allow_bf16_experts: bool = False  # with 4bit on a fused-expert MoE, accept that experts stay unquantised
 
@@ -212,12 +212,34 @@ def build_tiny_moe_model(out_dir: str, texts: list[str], *, vocab_size: int = 10
 # The policy: base model + LoRA (optionally on a 4-bit base).
 
 def pick_attn_implementation(requested: str, device: str) -> str:
-    """flash_attention_2 only where it can run (installed + CUDA); sdpa everywhere else."""
+    """`auto`: flash_attention_2 only where it really runs, sdpa everywhere else. On a CUDA device a fallback to
+    sdpa prints one line saying why; on CPU sdpa is the only choice and nothing is printed."""
     if requested != "auto":
         return requested
-    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+    if not str(device).startswith("cuda"):
+        return "sdpa"
+    problem = flash_attention_problem()
+    if problem is None:
         return "flash_attention_2"
+    print(f"model: attn_implementation=auto -> sdpa: {problem}")
     return "sdpa"
+
+
+def flash_attention_problem() -> str | None:
+    """None when flash_attention_2 can run here, else why not. flash-attn is a source build: a wheel or build for
+    another torch or CUDA installs and `import flash_attn` may even work, while its CUDA extension does not load."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"flash-attn does not import ({e}); it is optional: pip install flash-attn --no-build-isolation"
+    try:
+        import flash_attn_2_cuda  # noqa: F401  (the compiled kernels)
+    except (ImportError, OSError) as e:
+        return (f"flash-attn's CUDA extension flash_attn_2_cuda does not load ({e}): rebuild it for torch "
+                f"{torch.__version__} (pip install flash-attn --no-build-isolation --no-cache-dir)")
+    return None
 
 
 def fused_expert_params(model) -> dict[str, torch.Size]:

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -120,9 +122,34 @@ def test_config_4bit_needs_bf16():
         ModelConfig(name="x", quantization="4bit", dtype="float32").validate()
 
 
-def test_attn_implementation_auto_is_sdpa_on_cpu():
+def test_attn_implementation_auto_is_sdpa_on_cpu(capsys):
     assert model.pick_attn_implementation("auto", "cpu") == "sdpa"
     assert model.pick_attn_implementation("eager", "cpu") == "eager"
+    assert capsys.readouterr().out == ""  # nothing to explain on CPU
+
+
+def test_attn_implementation_auto_needs_flash_attn_and_its_cuda_extension(monkeypatch, capsys):
+    # Imports made to succeed or fail through sys.modules (None there makes `import x` raise ImportError).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn_2_cuda", types.ModuleType("flash_attn_2_cuda"))
+    assert model.pick_attn_implementation("auto", "cuda:0") == "flash_attention_2"
+    assert capsys.readouterr().out == ""
+    # the package imports but its compiled kernels do not (a build for another torch / CUDA)
+    monkeypatch.setitem(sys.modules, "flash_attn_2_cuda", None)
+    assert model.pick_attn_implementation("auto", "cuda:0") == "sdpa"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("model: attn_implementation=auto -> sdpa: flash-attn's CUDA "
+                                                    "extension flash_attn_2_cuda does not load")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    assert model.pick_attn_implementation("auto", "cuda:0") == "sdpa"
+    assert "flash-attn does not import" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn_2_cuda", types.ModuleType("flash_attn_2_cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # both import, but no CUDA
+    assert model.pick_attn_implementation("auto", "cuda:0") == "sdpa"
+    assert "CUDA is not available" in capsys.readouterr().out
+    assert model.pick_attn_implementation("flash_attention_2", "cuda:0") == "flash_attention_2"  # asked for: as is
 
 
 # ---------------------------------------------------------------------------------------------------------------
