@@ -197,13 +197,24 @@ def make_players(cfg, engine, seed: int | None = 0):
     return buyer, seller
 
 
+@dataclass
+class Request:
+    """One reply a rollout asked the engine for: the prompt as sent, and what came back."""
+    prompt: list[int]
+    reply_tokens: int
+    adapter: bool
+    temperature: float
+
+
 class CountingEngine:
     """Wraps an engine: counts generated tokens and the seconds spent inside generate(), so that the rest of a
-    rollout (the runner, the rules, the chat-template bookkeeping) can be told apart."""
+    rollout (the runner, the rules, the chat-template bookkeeping) can be told apart, and records every request
+    (for the flat replay of the same tokens, rollouts.rollout_flat)."""
 
     def __init__(self, engine):
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.tokens, self.seconds, self.calls = 0, 0.0, 0
+        self.requests: list[Request] = []
 
     def generate(self, prompts, **kw):
         t = time.perf_counter()
@@ -211,6 +222,8 @@ class CountingEngine:
         self.seconds += time.perf_counter() - t
         self.tokens += sum(len(g.token_ids) for g in out)
         self.calls += 1
+        self.requests += [Request(list(p), len(g.token_ids), kw["adapter"], kw["temperature"])
+                          for p, g in zip(prompts, out)]
         return out
 
     def sync(self, model):
@@ -286,11 +299,24 @@ def machine_info() -> dict:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
         keep = ("Architecture", "CPU(s)", "Model name", "Thread(s) per core", "Core(s) per socket", "Socket(s)")
         info["lscpu"] = [l for l in lines if l.split(":")[0].strip() in keep]
+        fields = dict(l.split(":", 1) for l in lines if ":" in l)
+        info["cpu_model"] = fields.get("Model name", "").strip()
+        # the vector units torch's CPU kernels pick from (AVX2 vs AVX-512 moves every figure)
+        info["cpu_vector_flags"] = sorted(f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx")))
     except (OSError, subprocess.SubprocessError):
         info["lscpu"] = []
+    info["load_average"] = list(os.getloadavg())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def machine_line(info: dict) -> str:
+    """The machine in one line, printed under the table."""
+    cpu = f"{info.get('cpu_model') or platform.processor() or '?'}, {info['cpu_count']} CPUs, " \
+          f"{' '.join(info.get('cpu_vector_flags', [])) or 'no AVX'}"
+    return ("GPU " + info["gpu"] + "; " if "gpu" in info else "") + cpu + \
+        f"; load average {' '.join(f'{x:.1f}' for x in info['load_average'])} (1, 5, 15 min) at the start"
 
 
 def temp_dir(prefix: str) -> str:

@@ -1,10 +1,13 @@
 """Rollouts of one GRPO step: the lockstep batched runner (env.play) on vLLM and on the HF engine, against the
-naive way a user would write it: one episode at a time, each reply from `model.generate`.
+naive way a user would write it (one episode at a time, each reply from `model.generate`) and against the limit
+of the same engine (`rollout_flat`: the lockstep run's requests again, all at once, nothing waiting on anything).
 
-All three play the same episodes with the same decisions (harness.Puppet), so they generate the same number of
+All of them play the same episodes with the same decisions (harness.Puppet), so they generate the same number of
 replies of the same lengths; only the way generation is organised differs. The naive way is timed on a strided
 subset of the step's episodes (its time per episode does not depend on how many there are) and both rates are
-reported per episode and per generated token.
+reported per episode and per generated token. The flat replay generates exactly the lockstep run's tokens (it
+checks), so lockstep seconds / flat seconds is the share of the engine's throughput the multi-turn runner keeps:
+what per-episode asynchronous generation could win back at most.
 """
 from __future__ import annotations
 
@@ -23,7 +26,59 @@ def rollout_batched(engine, cfg, scenarios, seed: int = 0) -> dict:
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "episodes": len(games), "tokens": counting.tokens,
             "generate_seconds": counting.seconds, "generate_calls": counting.calls,
-            "rounds": sum(g.outcome.rounds for g in games), "games": games}
+            "rounds": sum(g.outcome.rounds for g in games), "games": games, "requests": counting.requests}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The limit: the same requests with nothing waiting on anything
+
+
+def rollout_flat(engine, requests, seed: int | None = 0) -> dict:
+    """Every reply of a lockstep rollout (`requests`, recorded by harness.CountingEngine) generated again as
+    independent requests, all submitted at once: the same prompts, each reply forced to its recorded length.
+    What the engine does with the step's tokens when no turn waits for the previous one; one call per role
+    (buyer and seller requests never share a vLLM batch, see vllm_engine.py), on HF one per reply length too."""
+    from engine import HFEngine
+
+    groups: dict[tuple, list] = {}
+    for r in requests:
+        groups.setdefault((r.adapter, r.temperature), []).append(r)
+    flat = flat_hf if isinstance(engine, HFEngine) else flat_vllm
+    start = time.perf_counter()
+    tokens = sum(flat(engine, rs, adapter, temperature, seed) for (adapter, temperature), rs in groups.items())
+    seconds = time.perf_counter() - start
+    expected = sum(r.reply_tokens for r in requests)
+    if tokens != expected:
+        raise AssertionError(f"the flat replay generated {tokens} tokens, the lockstep rollout {expected}")
+    return {"seconds": seconds, "tokens": tokens, "requests": len(requests)}
+
+
+def flat_vllm(engine, requests, adapter: bool, temperature: float, seed) -> int:
+    """One LLM.generate call on the engine's own vLLM instance and adapter, min_tokens = max_tokens = the recorded
+    length. VLLMEngine.generate is bypassed only for its CPU chunking (prompts cut to one step's prefill budget,
+    needed for seeded requests; these are unseeded on CPU): here the scheduler sees every request at once."""
+    target = engine.seller if not adapter and engine.sync_strategy == "merged" else engine
+    params = []
+    for i, r in enumerate(requests):
+        p = target.sampling_params(temperature, r.reply_tokens, None if seed is None else seed + i)
+        p.min_tokens = r.reply_tokens  # no early stop: exactly the recorded length
+        params.append(p)
+    outs = target.llm.generate([{"prompt_token_ids": r.prompt} for r in requests], params,
+                               lora_request=target.lora_request if adapter else None, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def flat_hf(engine, requests, adapter: bool, temperature: float, seed) -> int:
+    """HFEngine.generate with no stop ids, one call per recorded reply length (its max_tokens is per call)."""
+    import copy
+
+    nonstop = copy.copy(engine)
+    nonstop.stop_ids = [-1]  # an id the model never samples: every row runs to max_tokens
+    by_length: dict[int, list[list[int]]] = {}
+    for r in requests:
+        by_length.setdefault(r.reply_tokens, []).append(r.prompt)
+    return sum(len(g.token_ids) for n, prompts in by_length.items()
+               for g in nonstop.generate(prompts, temperature=temperature, max_tokens=n, adapter=adapter, seed=seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------

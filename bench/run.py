@@ -8,7 +8,8 @@
 Measurements (each an object in results.json: name, figures, ratios, targets, notes):
   env       scripted episodes per second: parsing, rules, reward, nothing else
   rollouts  one step's episodes: (a) lockstep runner + vLLM, (b) lockstep runner + HF engine, (c) one episode at a
-            time with HF `model.generate`; episodes/s and generated tokens/s; (c)/(a), (b)/(a), (c)/(b)
+            time with HF `model.generate`; episodes/s and generated tokens/s; (c)/(a), (b)/(a), (c)/(b); and for
+            (a) and (b) the limit: the same requests flat, all at once (lockstep_over_flat = the share kept)
   update    one GRPO update (old log-probs, loss, backward, AdamW) on recorded episodes: train.py's packing vs the
             same functions on naively padded batches vs TRL's GRPOTrainer loss, after checking all three agree
   sync      seconds per weight sync for each VLLMEngine strategy, and its share of a step
@@ -34,6 +35,7 @@ import copy
 import dataclasses
 import datetime
 import json
+import os
 import random
 import sys
 import time
@@ -213,6 +215,11 @@ def measure_env(b: Bench) -> H.Measurement:
 # 1. Rollouts
 
 
+def flat_name(lockstep: str) -> str:
+    """The flat replay's row of a lockstep row: a_vllm_lockstep_merged -> a_vllm_flat_merged."""
+    return lockstep.replace("_lockstep", "_flat")
+
+
 def measure_rollouts(b: Bench) -> H.Measurement:
     import rollouts as R
 
@@ -228,19 +235,27 @@ def measure_rollouts(b: Bench) -> H.Measurement:
     warm = scenarios[:cfg.rollout.group_size]  # first calls allocate caches and pick kernels; not timed
     for k, engine in engines.items():
         if k.startswith("a_"):
-            R.rollout_batched(engine, cfg, warm, seed=seeds[k](0))
+            R.rollout_flat(engine, R.rollout_batched(engine, cfg, warm, seed=seeds[k](0))["requests"], seeds[k](0))
     with b.engines_asleep():
-        R.rollout_batched(b.hf, cfg, warm, seed=0)
+        R.rollout_flat(b.hf, R.rollout_batched(b.hf, cfg, warm, seed=0)["requests"], 0)
         R.rollout_naive(b.model, b.tokenizer, cfg, warm, 1)
     runs = {k: [] for k in [*engines, "c_naive_hf_generate"]}
+    flats = {k: [] for k in engines}
+
+    def lockstep_then_flat(k, engine, seed):
+        """The lockstep rollout, then its very requests flat (rollouts.rollout_flat) on the same engine."""
+        run, s, w = b.run(f"rollout_{k}", lambda: R.rollout_batched(engine, cfg, scenarios, seed=seed))
+        runs[k].append(run | {"seconds": s, "wall": w})
+        flat, s, w = b.run(f"rollout_{flat_name(k)}", lambda: R.rollout_flat(engine, run["requests"], seed))
+        flats[k].append(flat | {"seconds": s, "wall": w})
+        return run
+
     for rep in range(max(2, b.repeats)):  # interleaved, so that load on the machine hits every variant alike
         for k, engine in engines.items():
             if k.startswith("a_"):
-                run, s, w = b.run(f"rollout_{k}", lambda: R.rollout_batched(engine, cfg, scenarios, seed=seeds[k](rep)))
-                runs[k].append(run | {"seconds": s, "wall": w})
+                lockstep_then_flat(k, engine, seeds[k](rep))
         with b.engines_asleep():  # the HF runs get the GPU memory a run without vLLM would have
-            run, s, w = b.run("rollout_b_hf_lockstep", lambda: R.rollout_batched(b.hf, cfg, scenarios, seed=rep))
-            runs["b_hf_lockstep"].append(run | {"seconds": s, "wall": w})
+            run = lockstep_then_flat("b_hf_lockstep", b.hf, rep)
             if b.recorded_games is None:
                 b.recorded_games = run["games"]
             run, s, w = b.run("rollout_c_naive_hf_generate",
@@ -265,6 +280,12 @@ def measure_rollouts(b: Bench) -> H.Measurement:
                         "mean_rounds": rs[0]["rounds"] / n}
         if "generate_seconds" in rs[0]:  # the runner, rules and chat-template bookkeeping around generate()
             m.figures[k]["outside_generate_share"] = H.median([1 - r["generate_seconds"] / r["wall"] for r in rs])
+    for k, fs in flats.items():  # the share of the flat throughput the lockstep runner keeps, run by run (same tokens)
+        m.figures[flat_name(k)] = {"requests": fs[0]["requests"], "seconds": H.median([f["seconds"] for f in fs]),
+                                   "wall_seconds": H.median([f["wall"] for f in fs]),
+                                   "tokens_per_s": H.median([f["tokens"] / f["seconds"] for f in fs])}
+        variant = k.split("_")[0] + k.partition("_lockstep")[2]  # a, a_merged, b
+        m.ratios[f"lockstep_over_flat_{variant}"] = H.median([f["seconds"] / r["seconds"] for r, f in zip(runs[k], fs)])
     naive, hf, vllm = (per_episode.get(k) for k in ("c_naive_hf_generate", "b_hf_lockstep", "a_vllm_lockstep"))
     if vllm is not None:
         m.ratios["c_over_a"] = naive / vllm
@@ -595,6 +616,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     started = time.time()
+    machine = H.machine_info()  # before any work: its load average is the other jobs'
     b = Bench(args)
     results: list[H.Measurement] = []
     steps = {"env": measure_env, "rollouts": measure_rollouts, "update": measure_update, "sync": measure_sync,
@@ -616,11 +638,13 @@ def main(argv=None) -> list[dict]:
         "config": b.config_path, "clock": b.clock, "quick": args.quick, "repeats": b.repeats,
         "products_per_step": b.cfg.rollout.products_per_step, "group_size": b.cfg.rollout.group_size,
         "max_rounds": b.cfg.rollout.max_rounds, "seconds_total": time.time() - started,
-        "machine": H.machine_info()}, "ratios": {}, "targets": {}, "notes": "; ".join(b.notes)}
+        "machine": machine, "load_average_end": list(os.getloadavg())}, "ratios": {}, "targets": {},
+        "notes": "; ".join(b.notes)}
     print(table(results))
     if b.notes:
         print("\nnotes: " + "; ".join(b.notes))
     print(f"\n{meta['figures']['date']}  {b.clock}  total {meta['figures']['seconds_total']:.0f} s")
+    print(f"machine: {H.machine_line(machine)}")
     payload = [meta] + [m.to_dict() for m in results]
     Path(args.out).write_text(json.dumps(payload, indent=2, default=float) + "\n")
     return payload

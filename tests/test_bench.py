@@ -1,8 +1,11 @@
-"""bench/run.py stays runnable: the environment-only benchmark in a few seconds, its JSON and its table."""
+"""bench/ stays runnable: the environment-only benchmark in a few seconds, its JSON and its table; the TRL row's
+equality with our loss; the flat replay behind the rollout limit."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +20,9 @@ def test_bench_env_quick(tmp_path):
     env = results["env"]["figures"]
     assert env["episodes"] > 0 and env["episodes_per_s"] > 0 and 3 <= env["mean_rounds"] <= 6
     assert results["run"]["figures"]["quick"] is True
-    assert "[env]" in proc.stdout and "episodes_per_s=" in proc.stdout
+    machine = results["run"]["figures"]["machine"]
+    assert "cpu_model" in machine and "cpu_vector_flags" in machine and len(machine["load_average"]) == 3
+    assert "[env]" in proc.stdout and "episodes_per_s=" in proc.stdout and "\nmachine: " in proc.stdout
 
 
 def test_bench_rejects_an_unknown_measurement(tmp_path):
@@ -35,8 +40,6 @@ TRL_INSTALL = ("TRL side install absent: pip install --target .venv-bench --no-d
 
 
 def trl_or_skip():
-    import pytest
-
     import update
 
     trl = update.import_trl()
@@ -83,3 +86,43 @@ def test_trl_row_runs_and_matches_ours(tiny_model_dir, tmp_path):
     assert check["trl_loss_diff"] <= 1e-5 and check["trl_grad_rel_diff"] <= 1e-4
     out = update.trl_update(trainer, trl_model, update.adamw(trl_model, cfg), batch, cfg.train.grad_clip)
     assert out["grad_norm"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout limit: a lockstep run's requests replayed flat, the same tokens
+
+
+@pytest.fixture(scope="module")
+def bench_policy(tiny_model_dir):
+    import harness
+
+    cfg, _ = harness.load_bench_config(None, ["rollout.products_per_step=2", "rollout.group_size=2"])
+    policy, tokenizer = harness.load_bench_policy(tiny_model_dir, cfg)
+    return cfg, policy, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])  # vLLM: ~20 s to start here
+def test_flat_replay_generates_exactly_the_lockstep_tokens(kind, bench_policy, tiny_model_dir):
+    import harness
+    import rollouts
+    from engine import HFEngine
+
+    cfg, policy, tokenizer = bench_policy
+    if kind == "hf":
+        engine = HFEngine(policy, tokenizer)
+    else:
+        pytest.importorskip("vllm")
+        from vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(tiny_model_dir, tokenizer, sync_strategy="adapter", dtype="float32", max_model_len=1024,
+                            max_lora_rank=cfg.model.lora_r, enforce_eager=True)
+        engine.sync(policy)
+    scenarios = harness.step_scenarios(harness.train_scenarios(cfg), 2, 2)
+    run = rollouts.rollout_batched(engine, cfg, scenarios, seed=None if kind == "vllm" else 0)
+    assert sum(r.reply_tokens for r in run["requests"]) == run["tokens"] > 0
+    assert len(run["requests"]) == sum(g.outcome.rounds for g in run["games"])  # one buyer reply per round
+    flat = rollouts.rollout_flat(engine, run["requests"], seed=None)
+    assert flat["tokens"] == run["tokens"] and flat["requests"] == len(run["requests"])
+    # lengths are forced, whatever the model samples: 1 and 5 tokens, never more, never fewer
+    short = [harness.Request(r.prompt, n, True, 1.0) for r, n in zip(run["requests"], (1, 5))]
+    assert rollouts.rollout_flat(engine, short, seed=None)["tokens"] == 6
