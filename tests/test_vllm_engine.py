@@ -5,6 +5,7 @@ OpenAI-compatible server on 127.0.0.1."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,36 @@ def test_sync_after_an_optimiser_step(request, strategy, tiny_model_dir, prompts
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
     assert max_gap(m, prompts, after, 0.0, adapter=True) < TOL
     assert engine.version >= 2 and engine.last_sync_s > 0
+    if strategy == "adapter":  # the served adapter's files are gone before the next is written: one folder at most
+        folders = [f for d in engine.adapter_dirs for f in os.listdir(d)]
+        assert folders == [f"policy-v{engine.version}"]
+
+
+def test_adapters_go_to_disk_when_shared_memory_is_full(monkeypatch, tmp_path, capsys):
+    """/dev/shm first; a full one (Docker's default is 64 MB, the 30B adapter 1.29 GB) sends the adapters to the
+    temp dir on disk, said once; no room anywhere fails naming the fix. (No engine needed: the folder choice only.)"""
+    import shutil
+    from collections import namedtuple
+
+    import vllm_engine
+    ram, disk = tmp_path / "shm", tmp_path / "disk"
+    ram.mkdir(), disk.mkdir()
+    room = {str(ram): 10**9, str(disk): 10**9}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: usage(0, 0, next(v for k, v in room.items()
+                                                                         if str(d).startswith(k))))
+    monkeypatch.setattr(vllm_engine, "fast_tmp_dir", lambda: str(ram))
+    monkeypatch.setattr(vllm_engine.tempfile, "gettempdir", lambda: str(disk))
+    e = VLLMEngine.__new__(VLLMEngine)
+    e.adapter_dirs, e.own_adapter_dirs = [], True
+    first = e.adapter_dir_with_room(10**8)
+    assert Path(first).parent == ram and e.adapter_dir_with_room(10**8) == first  # RAM while it has room
+    room[str(ram)] = 64 * 2**20
+    on_disk = e.adapter_dir_with_room(10**8)
+    assert Path(on_disk).parent == disk and "writing adapters to" in capsys.readouterr().out
+    room[str(disk)] = 0
+    with pytest.raises(OSError, match="--shm-size"):
+        e.adapter_dir_with_room(10**8)
 
 
 def test_merged_engine_hands_the_seller_to_its_seller_engine(merged_engine, tiny_model_dir, prompts):
