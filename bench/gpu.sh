@@ -2,9 +2,15 @@
 # The benchmarks on one GPU (H100 / H200) with a random model of a real model's shape, built on the spot from a
 # config (no internet needed). Prints one table and writes bench/results_gpu.json.
 #
-#   bash bench/gpu.sh                          # Qwen3-0.6B shape (~20 minutes on one H100)
+#   bash bench/gpu.sh                          # Qwen3-0.6B shape (~20-25 minutes on one H100, not yet run)
 #   SIZE=qwen3-4b bash bench/gpu.sh            # Qwen3-4B shape (the dense replication's buyer)
+#   bash bench/gpu.sh --only rollouts          # the rollout rows alone, the limit included (~5 minutes)
 #   bash bench/gpu.sh --only rollouts,sync     # any bench/run.py flag or key=value override goes last
+#
+# The rollout limit: beside each lockstep rollout (vLLM, HF) the same engine replays that rollout's requests flat,
+# all at once, replies forced to the same lengths (a_vllm_flat, b_hf_flat); `lockstep_over_flat_a` in the ratios is
+# the share of vLLM's throughput the multi-turn runner keeps, the number that says whether per-episode asynchronous
+# generation is worth building on GPU (on CPU it kept 0.7 of it; see bench/README.md).
 #
 # Settings: config.yaml's (the paper's run), for one GPU: its 64 products per step are shared by 8 GPUs, so one GPU
 # plays 8 products x 8 episodes, 6 rounds, the LLM seller, colocated vLLM (adapter sync, sleep mode) as train.py

@@ -305,7 +305,6 @@ def machine_info() -> dict:
         info["cpu_vector_flags"] = sorted(f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx")))
     except (OSError, subprocess.SubprocessError):
         info["lscpu"] = []
-    info["load_average"] = list(os.getloadavg())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -616,8 +616,9 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     started = time.time()
-    machine = H.machine_info()  # before any work: its load average is the other jobs'
+    load = list(os.getloadavg())  # before any work of ours: the other jobs' load
     b = Bench(args)
+    machine = H.machine_info() | {"load_average": load}
     results: list[H.Measurement] = []
     steps = {"env": measure_env, "rollouts": measure_rollouts, "update": measure_update, "sync": measure_sync,
              "scaling": measure_scaling}
