@@ -280,11 +280,12 @@ def host_rows(plan: Plan, gpu_rows: dict, lora: int, ranks: int, adapter_sync: b
     - Sleep level 1 copies each GPU's vLLM weights pool (weights and LoRA buffers) into freshly pinned host memory
       (vllm/device_allocator/cumem.py, CuMemAllocator.sleep). Wake-up drops the tensors, but PyTorch's pinned
       host allocator keeps the blocks cached (vLLM empties it only at shutdown), so they count all run long.
-    - Every sync (vllm_engine.sync_adapter) builds the whole adapter on the CPU (adapter_state_dict), writes it to
-      /dev/shm while the previous folder still exists (deleted only in use_adapter), and vLLM holds the adapter it
-      serves in pinned host memory (vllm/lora/worker_manager.py loads it with device="cpu"; lora_model.py pins
-      it): each rank's peak is the CPU copy + two files + vLLM's copy of the previous adapter. use_adapter
-      removes the old LoRA from vLLM before the new one loads, so vLLM never holds two.
+    - Every sync (vllm_engine.sync_adapter) builds the whole adapter on the CPU (adapter_state_dict), deletes the
+      served adapter's files (vLLM read them into memory when it loaded it) and writes the new ones to /dev/shm,
+      and vLLM holds the adapter it serves in pinned host memory (vllm/lora/worker_manager.py loads it with
+      device="cpu"; lora_model.py pins it): each rank's peak is the CPU copy + one file + vLLM's copy of the
+      previous adapter. use_adapter removes the old LoRA from vLLM before the new one loads, so vLLM never holds
+      two.
     /dev/shm is RAM (tmpfs), so its files count in both the RAM total and the /dev/shm line. Not counted: each
     process's own memory (Python, CUDA context, libraries: a few GiB per rank) and the page cache of the
     checkpoint files (reclaimable)."""
@@ -294,7 +295,7 @@ def host_rows(plan: Plan, gpu_rows: dict, lora: int, ranks: int, adapter_sync: b
         "sleep level 1: pinned copy of vLLM weights + LoRA": ranks * per_gpu_sleep if plan.sleep else 0.0,
         "sync: adapter state dict on the CPU": ranks * adapter,
         "sync: vLLM's pinned copy of the adapter": ranks * adapter,
-        "sync: /dev/shm adapters (new + old)": ranks * 2 * adapter,
+        "sync: /dev/shm adapter files": ranks * adapter,
     }
     rows["= host RAM at a sync"] = sum(rows.values())
     return rows
@@ -346,7 +347,7 @@ def format_report(cfg, groups, lora, arch, hw, work, plans=CANDIDATES) -> str:
     lines.append("")
     lines += table(f"GiB per node, host ({hw.gpus} ranks)", host)
     lines.append(f"{'/dev/shm needed':<{width}}"
-                 + "".join(f"{host[p.name]['sync: /dev/shm adapters (new + old)'] / GIB:>18.2f}" for p in plans))
+                 + "".join(f"{host[p.name]['sync: /dev/shm adapter files'] / GIB:>18.2f}" for p in plans))
     lines.append("")
     buffers = vllm_lora_buffer_bytes(arch, rank, 2)
     lines.append(f"vLLM LoRA buffers at TP 2, max_lora_rank {rank}: experts {buffers['experts'] / GIB:.2f} GiB + "
@@ -398,7 +399,7 @@ def host_memory_verdict(need: dict[str, float], ram_available: float | None, shm
     Adapters that do not fit in /dev/shm are not counted as RAM (they go to disk: slower syncs, not a failure)."""
     if not need:
         return ""
-    shm_key = "sync: /dev/shm adapters (new + old)"
+    shm_key = "sync: /dev/shm adapter files"
     shm = need[shm_key]
     counted = {k: v for k, v in need.items() if v and not k.startswith("=")}
     notes = []

@@ -884,6 +884,14 @@ def main(argv: list[str] | None = None) -> dict:
         dist.barrier()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Host RAM and /dev/shm for vLLM's sleep copies and adapter files (memory_plan.py), before anything loads.
+    import memory_plan
+    try:
+        notice = memory_plan.check_host_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    except memory_plan.HostMemoryError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    if notice:
+        print0(notice)
 
     # ---- data: the held-out split is never trained on ----------------------------------------------------------
     try:
@@ -910,6 +918,9 @@ def main(argv: list[str] | None = None) -> dict:
     elif t.sharding == "fsdp2":
         print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: this rank's shards (DTensors)
+    # The engine first: vLLM reseeds the process's global RNGs when it starts (random, numpy, torch, with the
+    # engine's seed), so it must start before the per-rank seeding below and before a resume restores them.
+    engine = build_engine(cfg, model, tokenizer)
     seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -920,7 +931,6 @@ def main(argv: list[str] | None = None) -> dict:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         start_step, bad_updates = state["step"], state["bad_updates"]
         print0(f"resumed from {resume_from} (step {start_step}, data position {state['data_position']})")
-    engine = build_engine(cfg, model, tokenizer)
     engine.sync(model)  # the engine generates with the (possibly resumed) policy from the first rollout on
     probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if cfg.engine.kind == "vllm" else None
     sleeps = cfg.engine.kind == "vllm" and cfg.engine.sleep and torch.cuda.is_available()

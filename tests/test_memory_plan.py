@@ -96,12 +96,13 @@ def test_loading_peak_and_host_memory_of_the_chosen_plan(qwen30b):
     host = mp.host_rows(plan, gpu, CONFIG_YAML_LORA, ranks=8)
     # sleep: 8 x (vLLM weights 30,532,122,624 + LoRA buffers 1,434,451,968 + 32,858,112) = 255,995,461,632 (238.4 GiB)
     assert host["sleep level 1: pinned copy of vLLM weights + LoRA"] == 255_995_461_632
-    # sync: 8 x 1,285,029,888 for the CPU state dict and for vLLM's copy; 8 x 2 x that in /dev/shm (19.1 GiB)
+    # sync: 8 x 1,285,029,888 for the CPU state dict, for vLLM's copy, and in /dev/shm (one file per rank:
+    # the served adapter's files go before the new ones are written)
     assert host["sync: adapter state dict on the CPU"] == 10_280_239_104
     assert host["sync: vLLM's pinned copy of the adapter"] == 10_280_239_104
-    assert host["sync: /dev/shm adapters (new + old)"] == 20_560_478_208
-    # 255,995,461,632 + 2 x 10,280,239,104 + 20,560,478,208 = 297,116,418,048 (276.7 GiB)
-    assert host["= host RAM at a sync"] == 297_116_418_048
+    assert host["sync: /dev/shm adapter files"] == 10_280_239_104
+    # 255,995,461,632 + 3 x 10,280,239,104 = 286,836,178,944 (267.1 GiB)
+    assert host["= host RAM at a sync"] == 286_836_178_944
     awake = mp.host_rows(mp.Plan("awake", "fsdp2", "bf16", 2, sleep=False), gpu, CONFIG_YAML_LORA, ranks=8)
     assert awake["sleep level 1: pinned copy of vLLM weights + LoRA"] == 0
     no_adapter = mp.host_rows(plan, gpu, CONFIG_YAML_LORA, ranks=8, adapter_sync=False)  # sync_strategy=merged
@@ -113,8 +114,8 @@ def test_host_memory_need_of_config_yaml():
 
     cfg = load_config(str(ROOT / "config.yaml"))
     need = mp.host_memory_need(cfg, ranks_per_node=8, cuda=True)  # the same numbers as the test above, from the file
-    assert need["= host RAM at a sync"] == 297_116_418_048
-    assert need["sync: /dev/shm adapters (new + old)"] == 20_560_478_208
+    assert need["= host RAM at a sync"] == 286_836_178_944
+    assert need["sync: /dev/shm adapter files"] == 10_280_239_104
     assert mp.host_memory_need(load_config(str(ROOT / "config.yaml"), ["engine.kind=hf"]), 8, cuda=True) == {}
 
 
@@ -122,7 +123,7 @@ def test_host_memory_verdict():
     gib = mp.GIB
     need = {"sleep level 1: pinned copy of vLLM weights + LoRA": 200 * gib,
             "sync: adapter state dict on the CPU": 5 * gib, "sync: vLLM's pinned copy of the adapter": 5 * gib,
-            "sync: /dev/shm adapters (new + old)": 10 * gib, "= host RAM at a sync": 220 * gib}
+            "sync: /dev/shm adapter files": 10 * gib, "= host RAM at a sync": 220 * gib}
     line = mp.host_memory_verdict(need, ram_available=230 * gib, shm_free=50 * gib)
     assert line.startswith("host memory: about 220 GiB of RAM") and "230 GiB available" in line
     with pytest.raises(mp.HostMemoryError, match=r"about 220 GiB .* only 219 GiB is available .*engine\.sleep=false"):
