@@ -17,7 +17,9 @@ import data  # noqa: E402
 import env  # noqa: E402
 
 
-def build(tiny_dir: str, out: str) -> None:
+def build(tiny_dir: str, out: str, style: str = "compact", steps: int = 60) -> None:
+    """tiny_dir supervised on `style` openings (env.buyer_opening) -> out. rehearsal.py uses it with "full"
+    for its tiny Qwen3-MoE."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
@@ -26,14 +28,14 @@ def build(tiny_dir: str, out: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     fmt = env.ChatFormat(tok)
     seqs = []
-    for s in data.load_scenarios()[:40]:
-        prompt = fmt.opening(env.buyer_opening(s, "compact"))
+    for s in data.load_scenarios()[:40]:  # (the first 40 in file order, train and test alike)
+        prompt = fmt.opening(env.buyer_opening(s, style))
         for reply in ("Thought: no\nTalk: no\nAction: [QUIT]",
                       f"Thought: ok\nTalk: ok\nAction: [BUY] $1.00 (1x {s.codename})"):
             seqs.append((prompt + fmt.encode(reply) + [fmt.eos_id], len(prompt)))
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(steps):
         batch = rng.sample(seqs, 16)
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((16, width), tok.pad_token_id)
