@@ -48,11 +48,15 @@ def trl_or_skip():
     return trl
 
 
-def test_trl_placeholder_dataset_is_never_fingerprinted(monkeypatch):
-    """datasets fingerprints a new Dataset by pickling it with dill, which fails on pyarrow's MonthDayNano when the
-    side install lies outside the venv's prefix (issue 14). The TRL row must not depend on where that is."""
-    trl_or_skip()
+def test_trl_row_imports_and_its_dataset_is_never_fingerprinted(monkeypatch):
+    """What the TRL row needs imports from the side install beside the pinned stack. datasets fingerprints a new
+    Dataset by pickling it with dill, which fails on pyarrow's MonthDayNano when the side install lies outside the
+    venv's prefix (issue 14): the TRL row must not depend on where that is."""
+    trl = trl_or_skip()  # importing GRPOTrainer (transformers' Trainer stack) is most of this file's time: ~10 s
     import datasets.arrow_dataset
+
+    assert trl.__version__ == "1.16.0" and trl.GRPOConfig and trl.GRPOTrainer.compute_loss
+    assert trl.GRPOTrainer._get_per_token_logps_and_entropies  # the private method update.trl_update calls
 
     import update
 
