@@ -115,6 +115,12 @@ class EvalConfig:
     batch_size: int = 64  # episodes played in lockstep per evaluation chunk (eval.evaluate)
     scripted: bool = True  # also evaluate a scripted buyer against the same seller: the ladder teachers
     #                        (env.LadderBuyer) in the ladder style, else OG-Narrator (env.ScriptedBuyer)
+    generalisation_episodes: int = 0  # per held-out product: the starting and the trained buyer against sellers
+    #                                   never trained against (each scripted strategy; an LLM seller at the
+    #                                   temperatures below); 0 = skip
+    generalisation_jitter: float = 0.5  # the unseen scripted sellers' spread of exponent and margin per episode
+    generalisation_temperatures: list[float] = field(default_factory=list)  # LLM seller temperatures to also try
+    best_response_products: int = 16  # train products the best-fixed-schedule search plays (ladder style, scripted)
 
 
 @dataclass
@@ -235,6 +241,13 @@ class Config:
         need(ev.products >= 0, "eval.products", "must be >= 0 (0 = the whole test split)")
         need(ev.buyer_temperature >= 0, "eval.buyer_temperature", "must be >= 0")
         need(ev.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        need(ev.generalisation_episodes >= 0, "eval.generalisation_episodes", "must be >= 0 (0 = skip)")
+        need(ev.generalisation_jitter >= 0, "eval.generalisation_jitter", "must be >= 0")
+        need(all(x >= 0 for x in ev.generalisation_temperatures), "eval.generalisation_temperatures",
+             "temperatures must be >= 0, e.g. [0.3, 1.0]")
+        need(not ev.generalisation_temperatures or s.kind == "llm", "eval.generalisation_temperatures",
+             "other temperatures of the LLM seller need seller.kind=llm; use [] for another seller")
+        need(ev.best_response_products >= 1, "eval.best_response_products", "must be >= 1 (e.g. 16)")
         need(lg.transcripts_per_step >= 0, "log.transcripts_per_step", "must be >= 0")
         need(bool(self.out_dir), "out_dir", "set a run folder, e.g. runs/my-run")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",

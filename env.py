@@ -606,6 +606,18 @@ class ScriptedSeller:
         progress = t / max(1, rounds - 1)
         return _cents(max(s.cost, floor + (s.list_price - floor) * (1 - progress ** (1 / exponent))))
 
+    def ceiling(self, game: Game) -> float:
+        """The full-information ceiling of a game against this seller: the best reward a buyer that knew this
+        game's drawn exponent and margin (so every ask to come) could reach within the rules. It may bid (a rung
+        in the ladder style, any price otherwise, never above its budget) at or above a round's ask, which this
+        seller accepts, or [DEAL] the ask of the round before; walking away scores 0."""
+        neg, s = game.negotiation, game.negotiation.scenario
+        e, m = self._params(game)
+        asks = [self.ask(s, t, neg.max_rounds, e, m) for t in range(neg.max_rounds)]
+        prices = asks[:-1]  # [DEAL] in round t + 2 at round t + 1's ask: the last round's ask can no longer be taken
+        bids = [r for r in ladder_prices(s.budget) if r >= min(asks)] if neg.ladder else [min(asks)]
+        return max([0.0] + [score(s.budget, s.cost, p) for p in prices + bids if p <= s.budget])
+
     def reply(self, games: list[Game]) -> list[str]:
         texts = []
         for g in games:

@@ -802,9 +802,12 @@ def step_metrics(step, episodes, stats, maxes, grad_norms, skipped, times, sched
 # Final held-out evaluation (eval.py's evaluate: the same env, rules and reward as training)
 
 
-def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_endpoint) -> dict:
-    """Every rank plays its share of the test products; returns eval.summarize_with_ci over all of them. "before"
-    and "after" play under the same labels, hence the same sampling seeds (a paired comparison)."""
+def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_endpoint, seller=None,
+                    episodes: int | None = None, seller_name: str | None = None) -> dict:
+    """Every rank plays its share of the test products; returns eval.summarize_with_ci over all of them (and the
+    mean full-information ceiling against a scripted seller). Runs under the same labels play under the same
+    sampling seeds: "before" and "after" (and the starting and trained buyer of a generalisation row) are paired.
+    seller / seller_name / episodes: another opponent than the training seller, and its number of episodes."""
     import eval as evaluation
 
     ev = cfg.eval
@@ -815,35 +818,84 @@ def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_e
     else:
         buyer = build_buyer(cfg, engine, seed=ev.seed, temperature=ev.buyer_temperature)
         buyer.adapter = adapter
-    seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
+    seller = seller or build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
     path = Path(cfg.out_dir) / f"eval_{name}_rank{rank()}.jsonl"
     path.unlink(missing_ok=True)  # a fresh evaluation: never mix with one an earlier attempt left behind
     with generation_weights(cfg, model):
-        records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=ev.episodes_per_product,
+        records = evaluation.evaluate(buyer, seller, mine, episodes_per_product=episodes or ev.episodes_per_product,
                                       max_rounds=cfg.rollout.max_rounds, batch_size=ev.batch_size,
                                       buyer_name="scripted" if name == "scripted" else "policy",
-                                      seller_name=cfg.seller.kind, persona=cfg.seller.persona, seed=ev.seed + rank(),
-                                      out_path=path, progress=cfg.log.progress and rank() == 0,
+                                      seller_name=seller_name or cfg.seller.kind, persona=cfg.seller.persona,
+                                      seed=ev.seed + rank(), out_path=path, progress=cfg.log.progress and rank() == 0,
                                       any_pending=engine_any_pending(engine, next(model.parameters()).device)
                                       ) if mine else []
     everything = [r for part in gather_objects(records) for r in part]
-    return evaluation.summarize_with_ci(everything) | {"episodes": len(everything)}
+    ceilings = [r["ceiling"] for r in everything if r.get("ceiling") is not None]
+    return evaluation.summarize_with_ci(everything) | {"episodes": len(everything)} | \
+        ({"ceiling": sum(ceilings) / len(ceilings)} if ceilings else {})
 
 
-def final_evaluation(cfg, model, engine, test, seller_endpoint, before: dict | None) -> dict:
-    """{"before", "after", "scripted"} summaries; "before" was measured at step 0 (kept in eval_before.json)."""
+def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: dict | None) -> dict:
+    """{"before", "after", "scripted", "generalisation"} summaries; "before" was measured at step 0 (kept in
+    eval_before.json)."""
     result = {"before": before, "after": evaluate_policy(cfg, model, engine, test, "after", True, seller_endpoint)}
     if cfg.eval.scripted:
         result["scripted"] = evaluate_policy(cfg, model, engine, test, "scripted", False, seller_endpoint)
+    if cfg.eval.generalisation_episodes > 0:
+        result["generalisation"] = generalisation(cfg, model, engine, train, test, seller_endpoint)
     if rank() == 0:
         (Path(cfg.out_dir) / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
         keys = ("episodes", "reward", "deal_rate", "bargained_ratio", "overshoot_rate", "protocol_violation_rate",
                 "first_offer_ratio")
         print0(f"{'held-out':<10}" + "".join(f"{k[:17]:>18}" for k in keys))
         for name, row in result.items():
-            if row:
+            if row and name != "generalisation":
                 print0(f"{name:<10}" + "".join(f"{_fmt(row.get(k)):>18}" for k in keys))
+        if "generalisation" in result:
+            print_generalisation(result["generalisation"])
     return result
+
+
+def generalisation(cfg, model, engine, train, test, seller_endpoint) -> dict:
+    """The starting policy (the adapter off: the policy of step 0, since LoRA B starts at zero) and the trained
+    buyer against sellers they never trained against: each scripted strategy with jitter, and the LLM seller at
+    other temperatures. Per seller also the best fixed ladder schedule's reward (found by search on train
+    products; scripted sellers, ladder style) and, for the scripted ones, the mean full-information ceiling."""
+    import eval as evaluation
+
+    ev, rows = cfg.eval, {}
+    opponents = [(f"scripted:{s}", env.ScriptedSeller(s, jitter=ev.generalisation_jitter, seed=ev.seed))
+                 for s in env.ScriptedSeller.STRATEGIES]
+    for temperature in ev.generalisation_temperatures:
+        seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
+        seller.temperature = temperature
+        opponents.append((f"llm:T={temperature}", seller))
+    search = train[:ev.best_response_products]
+    for label, seller in opponents:
+        row = {who: evaluate_policy(cfg, model, engine, test, f"gen_{label.replace(':', '_')}_{who}", adapter,
+                                    seller_endpoint, seller=seller, episodes=ev.generalisation_episodes,
+                                    seller_name=label)
+               for who, adapter in (("start", False), ("trained", True))}
+        if cfg.rollout.style == "ladder" and isinstance(seller, env.ScriptedSeller):
+            held_out = [p for p in evaluation.pick_products(test, ev.products or None)
+                        for _ in range(ev.generalisation_episodes)]
+            make = lambda s=seller: env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=s.seed)  # noqa: E731
+            row["best_schedule"] = evaluation.best_fixed_schedule(make, search, held_out, cfg.rollout.max_rounds)
+        rows[label] = row
+    return rows
+
+
+def print_generalisation(rows: dict) -> None:
+    """One line per unseen seller: start and trained reward, the best fixed schedule's, the ceiling, the ratios."""
+    print0(f"\n{'unseen seller':<18}{'start':>9}{'trained':>9}{'best sched':>11}{'ceiling':>9}"
+           f"{'trained/best':>14}{'trained/ceiling':>17}")
+    for label, row in rows.items():
+        start, trained = row["start"]["reward"], row["trained"]["reward"]
+        best = row.get("best_schedule", {}).get("test", {}).get("reward")
+        ceiling = row["trained"].get("ceiling")
+        ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"  # noqa: E731
+        print0(f"{label:<18}{_fmt(start):>9}{_fmt(trained):>9}{_fmt(best):>11}{_fmt(ceiling):>9}"
+               f"{ratio(trained, best):>14}{ratio(trained, ceiling):>17}")
 
 
 def _fmt(x) -> str:
@@ -1045,7 +1097,7 @@ def main(argv: list[str] | None = None) -> dict:
         leave_process_group(cfg, world_size)
         sys.exit(128 + STOP["signal"])
     if cfg.eval.episodes_per_product > 0:
-        metrics["final_eval"] = final_evaluation(cfg, model, engine, test, endpoint, before)
+        metrics["final_eval"] = final_evaluation(cfg, model, engine, train, test, endpoint, before)
     leave_process_group(cfg, world_size)
     return metrics
 

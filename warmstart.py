@@ -72,13 +72,8 @@ def play_scripted(scenarios, buyer, seller_seed: int = 0) -> list[env.Outcome]:
 def best_response(train, test, seller_seed: int = 0) -> dict:
     """Search every non-decreasing ladder schedule (1,716 of them, the teachers' set) against the seller family on
     the train products; report the best one's metrics on the test products (chosen on train, not on test)."""
-    best = None
-    for sched in env.TEACHER_SCHEDULES:
-        r = reward.summarize(play_scripted(train, env.LadderBuyer([sched]), seller_seed))["reward"]
-        if best is None or r > best[0]:
-            best = (r, sched)
-    test_metrics = reward.summarize(play_scripted(test, env.LadderBuyer([best[1]]), seller_seed))
-    return {"schedule": list(best[1]), "train_reward": best[0], "test": test_metrics}
+    import eval as evaluation
+    return evaluation.best_fixed_schedule(lambda: seller_family(seller_seed), train, test, MAX_ROUNDS)
 
 
 def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search: bool = True) -> dict:

@@ -549,3 +549,26 @@ def test_play_keeps_calling_players_with_empty_batches_while_another_rank_is_bus
                      any_pending=lambda mine: mine or next(extra, False))
     assert [g.outcome.reward for g in games] == [g.outcome.reward for g in plain]
     assert calls[-3:] == [0, 0, 0] and all(n > 0 for n in calls[:-3])
+
+
+def test_scripted_seller_full_information_ceiling_by_hand():
+    """S: list 100, budget 80, cost 50 (room 30). Linear seller, no jitter: exponent 1, margin 5%, floor 52.50;
+    asks over 6 rounds 100, 90.50, 81, 71.50, 62, 52.50 (it accepts a bid at or above the round's ask).
+    Ladder: rungs 24, 32, 40, 48, 56, 64, 72, 76; the cheapest rung at or above the last ask is 56, below the
+    best [DEAL] of an earlier ask within budget (62): reward (80 - 56) / 30 = 0.8. Any price allowed: bid 52.50 in
+    the last round: 27.5 / 30. A CI product (budget 40 < cost 45): nothing within budget, 0 (walk away)."""
+    seller = env.ScriptedSeller("linear", jitter=0.0)
+    for ladder, want in ((True, 0.8), (False, 27.5 / 30)):
+        game = env.Game(env.Negotiation(S, max_rounds=6, ladder=ladder))
+        assert [seller.ask(S, t, 6, *seller._params(game)) for t in range(6)] == [100, 90.5, 81, 71.5, 62, 52.5]
+        assert seller.ceiling(game) == pytest.approx(want, abs=1e-12)
+    assert seller.ceiling(env.Game(env.Negotiation(CI, max_rounds=6, ladder=True))) == 0.0
+
+
+def test_the_ceiling_bounds_every_ladder_schedule():
+    """No fixed ladder schedule does better against a jittered seller than the ceiling of each of its games."""
+    seller = env.ScriptedSeller("boulware", jitter=1.0, seed=3)
+    for schedule in env.TEACHER_SCHEDULES[::97]:
+        games = env.play([S, CI] * 4, env.LadderBuyer([schedule]), seller, 6)
+        for g in games:
+            assert g.outcome.reward <= seller.ceiling(g) + 1e-12

@@ -101,6 +101,9 @@ class Interrupting:
             raise KeyboardInterrupt
         return self.player.reply(games)
 
+    def __getattr__(self, name):  # the rest of the player (e.g. a scripted seller's ceiling) as it is
+        return getattr(self.player, name)
+
 
 def test_resume_after_interruption_gives_the_same_records(products, tmp_path):
     kw = dict(episodes_per_product=2, batch_size=8, progress=False, **LABELS)

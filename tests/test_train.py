@@ -435,6 +435,22 @@ def test_step_one_matches_an_independent_computation(two_step_run, talking_model
     assert plain["grad_norm"] > 0 and plain["loss"] != 0
 
 
+def test_final_evaluation_measures_generalisation_to_unseen_sellers(talking_model_dir, tmp_path):
+    """eval.generalisation_episodes > 0: the starting policy (adapter off) and the trained buyer against each
+    scripted strategy, paired (same seeds), with the mean full-information ceiling, in final_eval.json and printed."""
+    out = tmp_path / "gen"
+    r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false", "train.steps=1",
+                "eval.episodes_per_product=1", "eval.products=4", "eval.generalisation_episodes=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    gen = json.loads((out / "final_eval.json").read_text())["generalisation"]
+    assert list(gen) == ["scripted:boulware", "scripted:linear", "scripted:conceder", "scripted:hardliner"]
+    for row in gen.values():
+        assert row["start"]["episodes"] == row["trained"]["episodes"] == 8
+        assert row["start"]["ceiling"] == row["trained"]["ceiling"] >= row["trained"]["reward"]  # same seller draws
+        assert "best_schedule" not in row  # the compact style has no ladder schedules to search
+    assert "unseen seller" in r.stdout and "scripted:hardliner" in r.stdout
+
+
 def test_resume_gives_the_same_next_step_as_the_uninterrupted_run(two_step_run, talking_model_dir, tmp_path):
     out, _, _ = two_step_run
     resumed = tmp_path / "resumed"
