@@ -93,6 +93,44 @@ def test_batching_and_padding_do_not_change_greedy_results(policy, prompts):
         assert max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) < TOL
 
 
+def test_next_turn_reuses_the_cached_prefix_exactly(policy, prompts):
+    """A second turn extends each conversation (prompt + reply + a user turn): the engine prefills only the new
+    ids from its PrefixStore; samples and log-probs match an engine without the store and a plain forward pass."""
+    m, tok = policy
+    cached, fresh = HFEngine(m, tok), HFEngine(m, tok)
+    frequent_stops(cached), frequent_stops(fresh)  # some replies end on a stop id, others are cut at max_tokens
+    group = prompts + [prompts[1]] * 2
+    first = cached.generate(group, temperature=1.0, max_tokens=12, adapter=True, seed=3)
+    user = tok.encode("<|im_end|>\n<|im_start|>user\nAnd $9?<|im_end|>\n<|im_start|>assistant\n",
+                      add_special_tokens=False)
+    turn2 = [p + g.token_ids + user[i % 2:] for i, (p, g) in enumerate(zip(group, first))]  # unequal new parts
+    assert all(cached.stores[True].longest_prefix(p)[0] == len(q) + len(g.token_ids) - 1
+               for p, q, g in zip(turn2, group, first))  # every row's prompt and reply but its last id
+    fresh.stores.clear()
+    a = cached.generate(turn2, temperature=1.0, max_tokens=12, adapter=True, seed=4)
+    b = fresh.generate(turn2, temperature=1.0, max_tokens=12, adapter=True, seed=4)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for p, x, y in zip(turn2, a, b):
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < TOL
+        assert (recompute_logprobs(m, p, x, 1.0, True) - torch.tensor(x.logprobs)).abs().max().item() < TOL
+    assert False not in cached.stores  # adapter off would keep a store of its own
+
+
+def test_prefix_store_is_dropped_when_weights_change(policy, prompts):
+    m, tok = policy
+    engine = HFEngine(m, tok)
+    gens = engine.generate(prompts, temperature=0, max_tokens=4, adapter=True)
+    turn2 = [p + g.token_ids + [tok.eos_token_id] for p, g in zip(prompts, gens)]
+    seen = []
+    store = engine.stores[True]
+    store.longest_prefix = lambda p: seen.append(p) or None  # records whether the stale store is consulted
+    lora = next(p for n, p in m.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora.add_(0.0)  # an in-place write, as an optimiser step makes: the version counter moves
+    engine.generate(turn2, temperature=0, max_tokens=4, adapter=True)
+    assert seen == [] and engine.stores[True] is not store
+
+
 def test_dedupe_keeps_first_seen_order():
     assert dedupe([[5, 6], [7], [5, 6], [7], [8]]) == ([[5, 6], [7], [8]], [0, 1, 0, 1, 2])
 
