@@ -47,7 +47,7 @@ def test_cpu_default_runs_end_to_end_and_writes_every_artefact(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_cpu_default_learns(tmp_path, monkeypatch):
-    """Issue 7's bar on the 512 held-out episodes (about 7 minutes on 2 free cores)."""
+    """Issue 7's bar on the 512 held-out episodes (about 9 minutes on 2 free AVX2 cores; issue 12: at most 15)."""
     import train
 
     monkeypatch.chdir(ROOT)
