@@ -117,9 +117,10 @@ class HFEngine:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         previous = self.stores.get(adapter)
-        if previous is not None and previous.weights != weights_version(self.model):
+        version = weights_version(self.model)
+        if previous is not None and previous.weights != version:
             previous = None  # an optimiser step (or a load) since: the cached keys and values are stale
-        store = PrefixStore(weights_version(self.model))
+        store = PrefixStore(version)
         with generation_mode(self.model, adapter):
             for batch in self.batches(order, prompts, max_tokens):
                 gens = self.generate_batch([prompts[i] for i in batch], temperature, max_tokens, generator, device,

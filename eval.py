@@ -240,18 +240,19 @@ def summarize_with_ci(records: list[dict]) -> dict:
     return reward.summarize(stats_of(r) for r in records) | {"reward_ci95": [lo, hi], "products": len(by_product)}
 
 
-def best_fixed_schedule(make_seller, train: list[data.Scenario], test: list[data.Scenario], max_rounds: int = 6,
+def best_fixed_schedule(seller, train: list[data.Scenario], test: list[data.Scenario], max_rounds: int = 6,
                         seed: int = 0) -> dict:
     """The best response by search: every non-decreasing ladder schedule (env.TEACHER_SCHEDULES, 1,716) played
-    against make_seller() on the train products, the best one's metrics on the test products (chosen on train, not
-    on test). Scripted sellers only: the search plays 1,716 x len(train) games."""
+    against `seller` on the train products, the best one's metrics on the test products (chosen on train, not on
+    test). Scripted sellers only (they keep no state between games, so one serves every schedule): the search
+    plays 1,716 x len(train) games."""
     best = None
     for schedule in env.TEACHER_SCHEDULES:
-        games = env.play(train, env.LadderBuyer([schedule], seed), make_seller(), max_rounds)
+        games = env.play(train, env.LadderBuyer([schedule], seed), seller, max_rounds)
         r = reward.summarize(g.outcome for g in games)["reward"]
         if best is None or r > best[0]:
             best = (r, schedule)
-    games = env.play(test, env.LadderBuyer([best[1]], seed), make_seller(), max_rounds)
+    games = env.play(test, env.LadderBuyer([best[1]], seed), seller, max_rounds)
     return {"schedule": list(best[1]), "train_reward": best[0], "test": reward.summarize(g.outcome for g in games)}
 
 

@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     print(f"  {n_params / 1e6:,.1f} M parameters, {n_lora / 1e6:.2f} M trainable (LoRA)")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
-    randomise_lora_b(model, args.lora_b_std)  # peft starts B at 0: an ignored adapter would look exactly right
+    model_lib.randomise_lora_b(model, args.lora_b_std)  # B starts at 0: an ignored adapter would look right
     score = lambda ids: token_logprobs(model, ids)  # noqa: E731
     prompts = chat_prompts(tokenizer, args.prompts, seed=0)
     probe = FreshnessProbe(prompts[0] + chat_prompts(tokenizer, 1, seed=1)[0][-12:], prompt_len=len(prompts[0]))
@@ -250,15 +250,6 @@ def main(argv=None) -> None:
     print("gpu_smoke: " + ("every check passed" if not failed else f"FAILED: {'; '.join(failed)}"))
     if failed:
         raise SystemExit(1)
-
-
-def randomise_lora_b(model, std: float, seed: int = 0) -> None:
-    """Random LoRA B (peft initialises B to 0, the identity adapter), reproducibly, on the model's device."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
 
 
 @torch.no_grad()

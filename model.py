@@ -358,6 +358,17 @@ def add_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lora)
 
 
+def randomise_lora_b(model, std: float = 0.5, seed: int | None = 0) -> None:
+    """Random LoRA B matrices (peft starts them at 0, the identity adapter), so that adapter on and off are
+    different models: for tests, and for gpu_smoke.py's first probe. seed None draws from torch's global
+    generator. Drawn on the CPU in float32, then copied to each tensor's device and dtype."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 def trainable_by_module_type(model) -> Counter:
     """Trainable parameter counts keyed by what they adapt: {"q_proj": 4096, "experts.down_proj": 8192, ...}."""
     from peft.tuners.lora import LoraLayer, ParamWrapper

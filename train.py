@@ -879,8 +879,7 @@ def generalisation(cfg, model, engine, train, test, seller_endpoint) -> dict:
         if cfg.rollout.style == "ladder" and isinstance(seller, env.ScriptedSeller):
             held_out = [p for p in evaluation.pick_products(test, ev.products or None)
                         for _ in range(ev.generalisation_episodes)]
-            make = lambda s=seller: env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=s.seed)  # noqa: E731
-            row["best_schedule"] = evaluation.best_fixed_schedule(make, search, held_out, cfg.rollout.max_rounds)
+            row["best_schedule"] = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds)
         rows[label] = row
     return rows
 

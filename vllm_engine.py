@@ -20,10 +20,10 @@ Deliberate choices:
   is written as peft stores it, four tensors per layer, and vLLM is told so (`enable_mixed_moe_lora_format`
   on the engine, `is_3d_lora_weight` on the request): it splits them into its per-expert gate/up/down buffers
   (tests/test_vllm_engine.py checks every expert's delta against peft's). Writing vLLM's per-expert names
-  ourselves instead would mean 36,864 tensors per sync for the 30B (48 layers x 128 experts x 3 x 2). "merged" merges LoRA into the *dequantised* base
-  weights (merging into 4-bit weights would change them) and pushes every weight with vLLM's public
-  `collective_rpc("reload_weights", weights_iterator=...)`, in HF checkpoint names, fused 3-D experts split
-  per expert. Every weight, not only the adapted ones: vLLM reloads a fused layer (qkv_proj, gate_up_proj,
+  ourselves instead would mean 36,864 tensors per sync for the 30B (48 layers x 128 experts x 3 x 2).
+  "merged" merges LoRA into the *dequantised* base weights (merging into 4-bit weights would change them) and
+  pushes every weight with vLLM's public `collective_rpc("reload_weights", weights_iterator=...)`, in HF
+  checkpoint names, fused 3-D experts split per expert. Every weight, not only the adapted ones: vLLM reloads a fused layer (qkv_proj, gate_up_proj,
   experts) as a whole and fills the parts it did not receive with garbage (measured). After it the engine
   holds exactly the trainer's policy (a QLoRA trainer's dequantised NF4 base included), so it can no longer
   serve the frozen base: the seller then needs an engine of its own (`seller=`), a second copy of the weights.

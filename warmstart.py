@@ -73,7 +73,7 @@ def best_response(train, test, seller_seed: int = 0) -> dict:
     """Search every non-decreasing ladder schedule (1,716 of them, the teachers' set) against the seller family on
     the train products; report the best one's metrics on the test products (chosen on train, not on test)."""
     import eval as evaluation
-    return evaluation.best_fixed_schedule(lambda: seller_family(seller_seed), train, test, MAX_ROUNDS)
+    return evaluation.best_fixed_schedule(seller_family(seller_seed), train, test, MAX_ROUNDS)
 
 
 def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search: bool = True) -> dict:

@@ -13,6 +13,8 @@ if "NEGO_DATA" not in os.environ and SHARED_DATA.exists():
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process vLLM engine: ~2 s start on CPU
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from model import randomise_lora_b  # noqa: E402,F401  (one implementation; the tests import it from here)
+
 
 @pytest.fixture(scope="session")
 def scenarios():
@@ -74,14 +76,3 @@ def vllm_server(model_dir: str, name: str, log_path, max_model_len: int = 2048, 
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-
-
-def randomise_lora_b(m, std: float = 0.5, seed: int | None = 0) -> None:
-    """Random LoRA B matrices (peft starts them at 0, the identity adapter), so that adapter on and off are
-    different models. seed None draws from torch's global generator."""
-    import torch
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
