@@ -52,7 +52,7 @@ class RolloutConfig:
     max_rounds: int = 6  # rounds per episode (one buyer + one seller reply each)
     buyer_temperature: float = 1.0  # sampling temperature of the trained buyer (also scales the trainer's logits)
     buyer_max_tokens: int = 256  # cap on one buyer reply, in tokens
-    style: str = "full"  # buyer prompt: "full" (rules + description) | "compact" | "ladder" (tiny models; env.py)
+    style: str = "full"  # prompts: "full" (rules + description) | "compact" | "ladder" (tiny models: both roles name rungs; env.py)
     description_chars: int = 400  # product description truncated to this many characters in prompts
     max_context: int = 8192  # a player whose conversation would exceed this many tokens replies with nothing
 
@@ -194,8 +194,9 @@ class Config:
         need(e.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         need(e.sync_strategy in SYNC_STRATEGIES, "engine.sync_strategy", f"use one of {SYNC_STRATEGIES}")
         if e.kind == "vllm" and e.sync_strategy == "merged":
-            need(s.kind != "llm", "engine.sync_strategy",
-                 "a merged engine holds the policy, so it cannot also be the base-model seller: use adapter, "
+            need(s.kind != "llm" or t.sharding == "none", "engine.sync_strategy",
+                 "a merged engine holds the policy, so the base-model seller is served by the HF engine over the "
+                 "trainer's model, which needs train.sharding=none (a model small enough for that); use adapter, "
                  "or a scripted / chat seller")
         if e.kind == "vllm" and e.sync_strategy == "adapter":
             experts = [p for p in self.model.lora_target_parameters if "experts" in p]

@@ -154,6 +154,15 @@ class Outcome:
     overshoot: bool                 # the buyer made a BUY or DEAL above its budget
     transcript: list[Turn] = field(default_factory=list)
 
+    @property
+    def seller_replies(self) -> int:
+        return sum(t.role == "seller" for t in self.transcript)
+
+    @property
+    def seller_errors(self) -> int:
+        """Seller replies with no valid action (each also an intervention: replaced by REJECT)."""
+        return sum(t.role == "seller" and t.note.startswith("unparseable") for t in self.transcript)
+
     # The fields reward.summarize needs, read through from the scenario.
     budget = property(lambda self: self.scenario.budget)
     cost = property(lambda self: self.scenario.cost)
@@ -165,7 +174,8 @@ class Outcome:
         return {"scenario": scenario_to_dict(self.scenario) | {"kind": self.scenario.kind},
                 "reason": self.reason, "price": self.price, "rounds": self.rounds,
                 "interventions": self.interventions, "reward": self.reward, "first_offer": self.first_offer,
-                "overshoot": self.overshoot,
+                "overshoot": self.overshoot, "seller_replies": self.seller_replies,
+                "seller_errors": self.seller_errors,
                 "transcript": [{"role": t.role, "text": t.text, "relayed": t.relayed, "note": t.note,
                                 "action": None if t.action is None else {"kind": t.action.kind, "price": t.action.price}}
                                for t in self.transcript]}
@@ -174,11 +184,12 @@ class Outcome:
 class Negotiation:
     """The state machine of one episode. Feed it replies in turn order; it applies every rule."""
 
-    def __init__(self, scenario: Scenario, max_rounds: int = 6, ladder: bool = False):
+    def __init__(self, scenario: Scenario, max_rounds: int = 6, ladder: bool = False, seller_ladder: bool = False):
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
         self.scenario, self.max_rounds = scenario, max_rounds
         self.ladder = ladder             # the buyer may name a rung and [DEAL] without a price (see LADDER)
+        self.seller_ladder = seller_ladder  # the same for the seller, over its own rungs (see SELLER_LADDER)
         self.round = 0                   # rounds started (a round starts with a buyer reply)
         self.turn = "buyer"
         self.last_buy: float | None = None    # the buyer's most recent [BUY] price
@@ -242,7 +253,8 @@ class Negotiation:
         s = self.scenario
         note = ""
         try:
-            action = parse_action(text, "seller")
+            action = parse_action(expand_seller_ladder(text, s, self.last_buy) if self.seller_ladder else text,
+                                  "seller")
         except ProtocolError as e:
             action, note = None, f"unparseable seller reply ({e})"
         if action is not None and action.kind == "DEAL" and not copies(action.price, self.last_buy):
@@ -265,9 +277,10 @@ class Negotiation:
         self.turn = "buyer"
 
 
-def replay(scenario: Scenario, replies: list[str], max_rounds: int = 6, ladder: bool = False) -> Outcome:
+def replay(scenario: Scenario, replies: list[str], max_rounds: int = 6, ladder: bool = False,
+           seller_ladder: bool = False) -> Outcome:
     """Play one episode from scripted reply texts: buyer, seller, buyer, ... Replies after the end are ignored."""
-    game = Negotiation(scenario, max_rounds, ladder)
+    game = Negotiation(scenario, max_rounds, ladder, seller_ladder)
     for text in replies:
         if game.done:
             break
@@ -364,6 +377,64 @@ def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style:
     return view if last_sell is None else f"{view}\nAsk rung: {ladder_rung(last_sell, scenario.budget)}"
 
 
+# The seller's ladder mirrors the buyer's: eleven asks from its cost (a) to the list price (k) in tenths of the way,
+# "[SELL] d" names one, a bare "[DEAL]" accepts the buyer's last bid, and after each bid the seller reads the
+# highest of its rungs at or below it ("Bid rung: c", or "under" for a bid below its cost). Accepting is then a
+# comparison of two letters, and the tiny model never copies digits. Why the bottom rung is the cost itself: every
+# rung is a legal ask, so the regulation acts only on the model's real mistakes (a [DEAL] of a bid below cost, a
+# price it wrote out below cost, an unparseable reply), each of which Negotiation turns into a REJECT.
+SELLER_LADDER = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SELLER_LETTERS = "abcdefghijk"
+_SELLER_RUNG = re.compile(r"\s*([a-k])(?![\w$.,])")
+
+
+def seller_prices(s: Scenario) -> list[float]:
+    """The seller ladder's asks for a scenario, in cents, lowest (its cost) first; never below the cost."""
+    top = max(s.list_price, s.cost)
+    return [max(s.cost, _cents(s.cost + f * (top - s.cost))) for f in SELLER_LADDER]
+
+
+def seller_rung_at_or_above(price: float, s: Scenario) -> int:
+    """The index of the cheapest seller rung at or above `price` (the top rung when the price is above them all)."""
+    prices = seller_prices(s)
+    return next((i for i, p in enumerate(prices) if price <= p + 1e-9), len(prices) - 1)
+
+
+def bid_rung(bid: float, s: Scenario) -> str:
+    """The letter of the highest seller rung at or below the buyer's bid, or "under" for a bid below the cost."""
+    below = [letter for letter, p in zip(SELLER_LETTERS, seller_prices(s)) if p <= bid + 1e-9]
+    return below[-1] if below else "under"
+
+
+def expand_seller_ladder(text: str, s: Scenario, last_buy: float | None) -> str:
+    """A seller ladder reply with its price written in, for parse_action: a rung letter right after [SELL] becomes
+    that rung's ask, a [DEAL] with no price gets the buyer's last bid. Anything else is returned unchanged."""
+    lines = text.splitlines() if isinstance(text, str) else []
+    i = _last_action_line(lines)
+    if i is None:
+        return text
+    line = lines[i]
+    tag = _TAG.search(line)
+    if not tag:
+        return text
+    kind, rest = tag.group(1).upper(), line[tag.end():]
+    if kind == "SELL" and (m := _SELLER_RUNG.match(rest)):
+        price = seller_prices(s)[SELLER_LETTERS.index(m.group(1))]
+        lines[i] = line[:tag.end()] + f" ${price:.2f}" + rest[m.end():]
+    elif kind == "DEAL" and last_buy is not None and not _MONEY.search(rest):
+        lines[i] = line[:tag.end()] + f" ${last_buy:.2f}" + rest
+    return "\n".join(lines)
+
+
+def seller_view(message: str, scenario: Scenario, last_buy: float | None, style: str) -> str:
+    """What the seller reads of a buyer turn. In the ladder style: the buyer's action (no Talk, no codename) and the
+    rung of its bid; every other style reads the relayed message as it is."""
+    if style != "ladder":
+        return message
+    view = "Buyer " + parse_action(message, "buyer").format()   # a relayed message always parses
+    return view if last_buy is None else f"{view}\nBid rung: {bid_rung(last_buy, scenario)}"
+
+
 def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400) -> list[dict]:
     """System + first user message for the buyer. Holds the budget; never the cost."""
     if style == "ladder":  # compact + the rungs (see LADDER)
@@ -384,8 +455,15 @@ def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400
 
 def seller_opening(s: Scenario, buyer_message: str, persona: str = "", style: str = "full",
                    description_chars: int = 400) -> list[dict]:
-    """System + first user message for the seller. Holds the cost; never the budget."""
-    if style in ("compact", "ladder"):  # the ladder is the buyer's; a seller given that style gets compact
+    """System + first user message for the seller. Holds the cost; never the budget. In the ladder style
+    `buyer_message` is the seller's view of the buyer's first turn (seller_view)."""
+    if style == "ladder":  # compact + the seller's rungs (see SELLER_LADDER)
+        asks = ", ".join(f"{k} ${p:,.2f}" for k, p in zip(SELLER_LETTERS, seller_prices(s)))
+        system = ("You are the seller. Reply Thought/Action. "
+                  "Action: [SELL] rung letter, [DEAL] accepts the bid, [QUIT].")
+        first = (f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}. Rungs: {asks}.\n"
+                 f"{buyer_message}")
+    elif style == "compact":  # short sequences for tiny CPU models: the same facts, no description
         system = "You are the seller. Format: Thought/Talk/Action."
         first = f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}.\nBuyer:\n{buyer_message}"
     else:
@@ -513,6 +591,8 @@ class LLMPlayer:
     def _append_message(self, game: Game) -> Conversation:
         neg, conv = game.negotiation, game.state.get(self.role)
         message = neg.last_relayed()
+        if self.role == "seller":
+            message = seller_view(message, neg.scenario, neg.last_buy, self.style)
         if conv is None:
             conv = game.state[self.role] = Conversation()
             opening = (buyer_opening(neg.scenario, self.style, self.description_chars) if self.role == "buyer"
@@ -587,10 +667,14 @@ class ScriptedSeller:
     STRATEGIES = {"boulware": (0.3, 0.05), "linear": (1.0, 0.05), "conceder": (3.0, 0.05),
                   "hardliner": (0.1, 0.15)}
 
-    def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0, group_size: int = 1):
+    def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0, group_size: int = 1,
+                 style: str = ""):
         if strategy not in self.STRATEGIES:
             raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)}")
+        if style not in ("", "ladder"):
+            raise ValueError(f"a scripted seller's style is '' (prices) or 'ladder' (SELLER_LADDER), got {style!r}")
         self.strategy, self.jitter, self.seed, self.group_size = strategy, jitter, seed, group_size
+        self.style = style   # "ladder": its asks moved to the nearest rung, as letters (the LLM seller's teacher)
         self.exponent, self.margin = self.STRATEGIES[strategy]
 
     def _params(self, game: Game) -> tuple[float, float]:
@@ -604,7 +688,10 @@ class ScriptedSeller:
     def ask(self, s: Scenario, t: int, rounds: int, exponent: float, margin: float) -> float:
         floor = min(s.cost * (1 + margin), s.list_price)
         progress = t / max(1, rounds - 1)
-        return _cents(max(s.cost, floor + (s.list_price - floor) * (1 - progress ** (1 / exponent))))
+        ask = _cents(max(s.cost, floor + (s.list_price - floor) * (1 - progress ** (1 / exponent))))
+        if self.style != "ladder":
+            return ask
+        return min(seller_prices(s), key=lambda p: (abs(p - ask), -p))   # the nearest rung (the higher on a tie)
 
     def ceiling(self, game: Game) -> float:
         """The full-information ceiling of a game against this seller: the best reward a buyer that knew this
@@ -625,7 +712,9 @@ class ScriptedSeller:
             e, m = self._params(g)
             price = self.ask(s, neg.round - 1, neg.max_rounds, e, m)
             offer = neg.last_buy
-            if offer is not None and offer >= price:
+            if self.style == "ladder":
+                texts.append(seller_ladder_reply(seller_rung_at_or_above(price, s), offer, s))
+            elif offer is not None and offer >= price:
                 texts.append(_reply_text(f"${offer:.2f} meets my ask of ${price:.2f}.", "You have a deal.",
                                          Action("DEAL", offer), s.codename))
             else:
@@ -669,6 +758,15 @@ class ScriptedBuyer:
                 texts.append(_reply_text(f"Offer {bid / s.budget:.0%} of what I can pay.",
                                          f"I can offer ${bid:,.2f}.", Action("BUY", bid), s.codename))
         return texts
+
+
+def seller_ladder_reply(rung: int, bid: float | None, s: Scenario) -> str:
+    """A ladder seller who asks rung `rung` this round: accept the buyer's last bid if it is at or above that rung,
+    else ask the rung. The mirror of ladder_reply."""
+    letter = SELLER_LETTERS[rung]
+    if bid is not None and bid >= seller_prices(s)[rung] - 1e-9:
+        return f"Thought: {letter}\nAction: [DEAL]"
+    return f"Thought: {letter}\nAction: [SELL] {letter}"
 
 
 def ladder_reply(rung: int, ask: float | None, budget: float) -> str:
@@ -728,8 +826,9 @@ def play(scenarios: list[Scenario], buyer, seller, max_rounds: int = 6, on_round
     any_pending(flag) -> bool, when given, ORs `flag` over the processes that share one engine (a tensor-parallel
     group): each must call the engine equally often, so a process whose games are over keeps replying to an
     empty batch until every process in its group is done."""
-    ladder = getattr(buyer, "style", "") == "ladder"   # the rules follow the buyer's prompt (see LADDER)
-    games = [Game(Negotiation(s, max_rounds, ladder), index=i) for i, s in enumerate(scenarios)]
+    ladder = getattr(buyer, "style", "") == "ladder"   # the rules follow each player's prompt (see LADDER)
+    seller_ladder = getattr(seller, "style", "") == "ladder"
+    games = [Game(Negotiation(s, max_rounds, ladder, seller_ladder), index=i) for i, s in enumerate(scenarios)]
     sync = any_pending or bool
     while True:
         pending = [g for g in games if not g.done]

@@ -9,7 +9,8 @@
     python eval.py ... --run runs/cpu                                # add the training curves to the report
 
 The default protocol is the paper's: the 128 held-out test products (data.split_scenarios, seed 0) x 4 episodes,
-buyer temperature 1.0, seller temperature 0.7, at most 6 rounds, the neutral seller persona.
+buyer temperature 1.0, seller temperature 0.7, at most 6 rounds, the neutral seller persona; a checkpoint's own
+config.yaml overrides the seller's temperature and persona (the CPU default's seller: 1.0, no persona).
 Output folder (--out): metrics.json, episodes.jsonl, report.md, report.html (one self-contained page).
 
 Deliberate choices:
@@ -228,7 +229,8 @@ def stats_of(record: dict) -> reward.EpisodeStats:
                                budget=s["budget"], cost=s["cost"], list_price=s["list_price"],
                                rounds=record["rounds"], interventions=record["interventions"],
                                first_offer=record["first_offer"], overshoot=record["overshoot"],
-                               category=s["category"])
+                               category=s["category"], seller_replies=record.get("seller_replies", 0),
+                               seller_errors=record.get("seller_errors", 0))
 
 
 def summarize_with_ci(records: list[dict]) -> dict:
@@ -240,20 +242,45 @@ def summarize_with_ci(records: list[dict]) -> dict:
     return reward.summarize(stats_of(r) for r in records) | {"reward_ci95": [lo, hi], "products": len(by_product)}
 
 
+class ScheduleBuyer:
+    """Game i plays candidate schedule i // per (a ladder buyer): many fixed schedules in one lockstep batch, so an
+    LLM seller serves them all at once."""
+    style = "ladder"
+
+    def __init__(self, schedules, per: int):
+        self.schedules, self.per = [tuple(s) for s in schedules], per
+
+    def reply(self, games: list[env.Game]) -> list[str]:
+        out = []
+        for g in games:
+            schedule, neg = self.schedules[g.index // self.per], g.negotiation
+            out.append(env.ladder_reply(schedule[min(neg.round, len(schedule) - 1)], neg.last_sell,
+                                        neg.scenario.budget))
+        return out
+
+
 def best_fixed_schedule(seller, train: list[data.Scenario], test: list[data.Scenario], max_rounds: int = 6,
-                        seed: int = 0) -> dict:
-    """The best response by search: every non-decreasing ladder schedule (env.TEACHER_SCHEDULES, 1,716) played
-    against `seller` on the train products, the best one's metrics on the test products (chosen on train, not on
-    test). Scripted sellers only (they keep no state between games, so one serves every schedule): the search
-    plays 1,716 x len(train) games."""
-    best = None
-    for schedule in env.TEACHER_SCHEDULES:
-        games = env.play(train, env.LadderBuyer([schedule], seed), seller, max_rounds)
-        r = reward.summarize(g.outcome for g in games)["reward"]
-        if best is None or r > best[0]:
-            best = (r, schedule)
-    games = env.play(test, env.LadderBuyer([best[1]], seed), seller, max_rounds)
-    return {"schedule": list(best[1]), "train_reward": best[0], "test": reward.summarize(g.outcome for g in games)}
+                        seed: int = 0, candidates=None, keep: int = 8) -> dict:
+    """The best response by search: each candidate ladder schedule (default: every non-decreasing one,
+    env.TEACHER_SCHEDULES, 1,716) played against `seller` on the train products, the best one's metrics on the test
+    products (chosen on train, not on test), and the `keep` best candidates with their train rewards ("top").
+    A scripted seller keeps no state between games, so one serves every schedule in turn; any other seller (an LLM)
+    plays all candidates x train products in one lockstep batch, then the test products."""
+    candidates = [tuple(c) for c in (candidates or env.TEACHER_SCHEDULES)]
+    if isinstance(seller, env.ScriptedSeller):
+        scores = [reward.summarize(g.outcome for g in env.play(train, env.LadderBuyer([c], seed), seller,
+                                                               max_rounds))["reward"] for c in candidates]
+    else:
+        games = env.play([p for _ in candidates for p in train], ScheduleBuyer(candidates, len(train)), seller,
+                         max_rounds)
+        n = len(train)
+        scores = [sum(g.outcome.reward for g in games[k * n:(k + 1) * n]) / n for k in range(len(candidates))]
+    ranked = sorted(range(len(candidates)), key=lambda k: -scores[k])   # stable: the first of equals wins
+    best = candidates[ranked[0]]
+    games = env.play(test, env.LadderBuyer([best], seed), seller, max_rounds)
+    return {"schedule": list(best), "train_reward": scores[ranked[0]], "candidates": len(candidates),
+            "top": [[list(candidates[k]), scores[k]] for k in ranked[:keep]],
+            "test": reward.summarize(g.outcome for g in games)}
 
 
 def metrics_table(records: list[dict]) -> dict:
@@ -292,6 +319,8 @@ RUN_SETTINGS = {
     "max_context": ("rollout.max_context", 8192),
     "buyer_max_tokens": ("rollout.buyer_max_tokens", 256),
     "seller_max_tokens": ("seller.max_tokens", 256),
+    "seller_temp": ("seller.temperature", 0.7),
+    "seller_persona": ("seller.persona", "neutral"),   # the persona an LLM seller had in training ("" = none)
     "data": ("data.path", ""),
     "budget_factor": ("data.budget_factor", 0.8),
     "test_size": ("data.test_size", 128),
@@ -316,12 +345,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       "and margin per episode (env.ScriptedSeller; default 0)")
     a("--seller-model", help="the model name the seller endpoint serves (with --seller URL)")
     a("--seller-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the seller endpoint's key")
-    a("--personas", help="seller personas: neutral (default) | all | a,b,... (files in personas/)")
+    a("--personas", help="seller personas: all | a,b,... (files in personas/) | none (default: the checkpoint's "
+      "seller.persona, else neutral)")
     a("--episodes", type=int, default=4, help="episodes per product (default 4)")
     a("--products", type=int, help="play N of the held-out products, spread evenly over the split (default: all)")
     a("--max-rounds", type=int, default=6, help="(default 6)")
     a("--buyer-temp", type=float, default=1.0, help="(default 1.0)")
-    a("--seller-temp", type=float, default=0.7, help="(default 0.7)")
     a("--seed", type=int, default=0, help="sampling seed: the same seed, machine and engine give the same games")
     a("--batch-size", type=int, default=64, help="episodes played in lockstep, one generation batch (default 64)")
     a("--engine", default="hf", choices=["hf", "vllm"])
@@ -345,7 +374,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--products must be >= 1, got {args.products}")
     if args.seller_jitter < 0:
         p.error(f"--seller-jitter must be >= 0, got {args.seller_jitter}")
-    if args.buyer_temp < 0 or args.seller_temp < 0:
+    if args.buyer_temp < 0 or (args.seller_temp is not None and args.seller_temp < 0):
         p.error("temperatures must be >= 0 (0 = greedy)")
     if not args.ckpt and not args.buyer_url:
         p.error("no buyer: give --ckpt DIR|base|scripted (repeatable) and/or --buyer-url URL --buyer-model NAME")
@@ -388,6 +417,8 @@ def resolve_personas(spec: str | None, kind: str) -> list[str]:
     if not names:
         raise ValueError(f"--personas {spec!r} names no persona; available: {', '.join(env.list_personas())}")
     for name in names:
+        if name == "none":   # the seller's prompt without a persona (as train.py's seller.persona: "")
+            continue
         try:
             env.load_persona(name)
         except ValueError as e:
@@ -601,7 +632,7 @@ def make_seller(args, engine, endpoints: dict, persona: str):
     kind = seller_kind(args.seller)
     if kind == "scripted":
         return env.ScriptedSeller(args.seller.partition(":")[2] or "boulware", jitter=args.seller_jitter, seed=args.seed)
-    text = env.load_persona(persona)
+    text = "" if persona == "none" else env.load_persona(persona)
     if kind == "endpoint":
         return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
                               max_tokens=args.seller_max_tokens, persona=text, description_chars=args.description_chars)
@@ -689,9 +720,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     try:  # every check before a model loads or an episode is played: one clear message, no traceback
-        personas = resolve_personas(args.personas, seller_kind(args.seller))
+        kind = seller_kind(args.seller)
         buyers = plan_buyers(args)
         sources = resolve_settings(args, buyers)
+        personas = resolve_personas(args.personas if kind == "scripted" else
+                                    args.personas or args.seller_persona or "none", kind)
         base_model = resolve_base_model(args, buyers)
         training = read_training_run(args.run)
         scenarios = held_out_products(args)

@@ -47,6 +47,20 @@ def score(budget: float, cost: float, price: float | None, violation: bool = Fal
     return min(1.0, max(-1.0, (budget - price) / room(budget, cost)))
 
 
+def seller_score(budget: float, cost: float, price: float | None, interventions: int = 0,
+                 intervention_penalty: float = -1.0) -> float:
+    """The seller's verifiable reward, the mirror of `score`: for a deal clip((price - cost) / room, -1, 1) with
+    the same room, 0 without one. A seller the regulation had to overrule (a below-cost [SELL] or [DEAL], a fake
+    [DEAL], an unparseable reply: each replaced by [REJECT], so the buyer is never harmed) scores
+    `intervention_penalty` for the episode, as a buyer's violation scores -1 for the buyer: breaking the rules
+    never pays, even when a deal follows."""
+    if interventions:
+        return intervention_penalty
+    if price is None:
+        return 0.0
+    return min(1.0, max(-1.0, (price - cost) / room(budget, cost)))
+
+
 @dataclass
 class EpisodeStats:
     """What the metrics need from one finished episode (env.Outcome provides these fields)."""
@@ -61,6 +75,8 @@ class EpisodeStats:
     first_offer: float | None = None   # the buyer's first [BUY] price
     overshoot: bool = False            # some buyer BUY or DEAL above budget
     category: str = ""
+    seller_replies: int = 0            # the seller's turns (the denominator of its intervention rate)
+    seller_errors: int = 0             # seller turns with no valid action (counted among the interventions)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -73,6 +89,10 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
 def summarize(episodes) -> dict:
     """Every metric over a list of episodes (anything with EpisodeStats' fields). None where undefined.
 
@@ -80,6 +100,8 @@ def summarize(episodes) -> dict:
     bargained_ratio: mean (budget - price)/room over deals in MI scenarios (the paper's 0.84).
     first_offer_ratio: mean first BUY / budget over episodes with a BUY.
     ci_walkaway_rate: CI episodes that ended without a deal and without a violation / CI episodes.
+    intervention_rate, seller_error_rate: interventions (and, among them, unparseable seller replies) per seller
+    reply. below_cost_deals: a count, not a rate; the rules make it 0, and every run reports it to prove it.
     price_reduction: mean (list_price - price)/list_price over deals.
     """
     eps = list(episodes)
@@ -97,6 +119,9 @@ def summarize(episodes) -> dict:
         "ci_walkaway_rate": _mean(e.reason in ("quit", "max_rounds") for e in ci),
         "mean_rounds": _mean(e.rounds for e in eps),
         "interventions_per_episode": _mean(e.interventions for e in eps),
+        "intervention_rate": _ratio(sum(e.interventions for e in eps), sum(e.seller_replies for e in eps)),
+        "seller_error_rate": _ratio(sum(e.seller_errors for e in eps), sum(e.seller_replies for e in eps)),
+        "below_cost_deals": sum(e.reason == "deal" and e.price < e.cost - 1e-9 for e in eps),
         "price_reduction": _mean((e.list_price - e.price) / e.list_price for e in deals),
         "quit_rate": _mean(e.reason == "quit" for e in eps),
         "max_rounds_rate": _mean(e.reason == "max_rounds" for e in eps),

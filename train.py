@@ -548,7 +548,14 @@ def build_engine(cfg, model, tokenizer):
         return HFEngine(model, tokenizer, max_batch_tokens=cfg.engine.max_batch_tokens)
     from vllm_engine import VLLMEngine
     e = cfg.engine
-    return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype,
+    seller = None
+    if e.sync_strategy == "merged" and cfg.seller.kind == "llm":
+        # A merged engine holds the policy, not the base: the frozen base (seller, starting policy) is served by
+        # the HF engine over the trainer's own model with the adapter off. No second copy of the weights; config
+        # validation allows it only unsharded (a tiny model, where this costs nothing).
+        from engine import HFEngine
+        seller = HFEngine(model, tokenizer, max_batch_tokens=e.max_batch_tokens)
+    return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype, seller=seller,
                       gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                       max_lora_rank=cfg.model.lora_r, max_num_seqs=e.max_num_seqs, seed=cfg.seed,
                       quantization=e.quantization or None, enforce_eager=e.enforce_eager,
@@ -633,7 +640,7 @@ class Loggers:
 def episode_stats(outcome: env.Outcome) -> reward.EpisodeStats:
     return reward.EpisodeStats(outcome.reward, outcome.reason, outcome.price, outcome.budget, outcome.cost,
                                outcome.list_price, outcome.rounds, outcome.interventions, outcome.first_offer,
-                               outcome.overshoot, outcome.category)
+                               outcome.overshoot, outcome.category, outcome.seller_replies, outcome.seller_errors)
 
 
 def peak_memory_gib(device) -> float:
@@ -842,7 +849,7 @@ def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: d
     if cfg.eval.scripted:
         result["scripted"] = evaluate_policy(cfg, model, engine, test, "scripted", False, seller_endpoint)
     if cfg.eval.generalisation_episodes > 0:
-        result["generalisation"] = generalisation(cfg, model, engine, train, test, seller_endpoint)
+        result["generalisation"] = generalisation(cfg, model, engine, train, test, seller_endpoint, result)
     if rank() == 0:
         (Path(cfg.out_dir) / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
         keys = ("episodes", "reward", "deal_rate", "bargained_ratio", "overshoot_rate", "protocol_violation_rate",
@@ -856,37 +863,56 @@ def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: d
     return result
 
 
-def generalisation(cfg, model, engine, train, test, seller_endpoint) -> dict:
+def generalisation(cfg, model, engine, train, test, seller_endpoint, result: dict) -> dict:
     """The starting policy (the adapter off: the policy of step 0, since LoRA B starts at zero) and the trained
-    buyer against sellers they never trained against: each scripted strategy with jitter, and the LLM seller at
-    other temperatures. Per seller also the best fixed ladder schedule's reward (found by search on train
-    products; scripted sellers, ladder style) and, for the scripted ones, the mean full-information ceiling."""
+    buyer against (a) the training seller (the before/after rows), (b) each scripted strategy with jitter and
+    (c) the LLM seller at other temperatures, which they never trained against. Per seller also the best fixed
+    ladder schedule's reward (the best response found by search on train products; ladder style) and, for the
+    scripted ones, the mean full-information ceiling."""
     import eval as evaluation
 
     ev, rows = cfg.eval, {}
+    ladder = cfg.rollout.style == "ladder"
+    search = train[:ev.best_response_products]
+    held_out = [p for p in evaluation.pick_products(test, ev.products or None) for _ in range(ev.generalisation_episodes)]
+    shortlist: list[tuple] = []   # the scripted searches' best schedules: the candidates searched against an LLM
+
+    def best_schedule(seller) -> dict:
+        if isinstance(seller, env.ScriptedSeller):
+            found = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds)
+            shortlist.extend(tuple(s) for s, _ in found["top"] if tuple(s) not in shortlist)
+            return found
+        return evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds,
+                                              candidates=shortlist or None)
+
     opponents = [(f"scripted:{s}", env.ScriptedSeller(s, jitter=ev.generalisation_jitter, seed=ev.seed))
                  for s in env.ScriptedSeller.STRATEGIES]
     for temperature in ev.generalisation_temperatures:
         seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
         seller.temperature = temperature
         opponents.append((f"llm:T={temperature}", seller))
-    search = train[:ev.best_response_products]
     for label, seller in opponents:
         row = {who: evaluate_policy(cfg, model, engine, test, f"gen_{label.replace(':', '_')}_{who}", adapter,
                                     seller_endpoint, seller=seller, episodes=ev.generalisation_episodes,
                                     seller_name=label)
                for who, adapter in (("start", False), ("trained", True))}
-        if cfg.rollout.style == "ladder" and isinstance(seller, env.ScriptedSeller):
-            held_out = [p for p in evaluation.pick_products(test, ev.products or None)
-                        for _ in range(ev.generalisation_episodes)]
-            row["best_schedule"] = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds)
+        if ladder and cfg.seller.kind != "chat":
+            with generation_weights(cfg, model):
+                row["best_schedule"] = best_schedule(seller)
         rows[label] = row
+    if result.get("before") and cfg.seller.kind != "chat":   # (a): the training seller, as it was evaluated
+        row = {"start": result["before"], "trained": result["after"]}
+        if ladder:
+            seller = build_seller(cfg, engine, seller_endpoint, seed=ev.seed)
+            with generation_weights(cfg, model):
+                row["best_schedule"] = best_schedule(seller)
+        rows = {f"training:{cfg.seller.kind}": row} | rows
     return rows
 
 
 def print_generalisation(rows: dict) -> None:
-    """One line per unseen seller: start and trained reward, the best fixed schedule's, the ceiling, the ratios."""
-    print0(f"\n{'unseen seller':<18}{'start':>9}{'trained':>9}{'best sched':>11}{'ceiling':>9}"
+    """One line per seller: start and trained reward, the best fixed schedule's, the ceiling, the ratios."""
+    print0(f"\n{'seller':<18}{'start':>9}{'trained':>9}{'best sched':>11}{'ceiling':>9}"
            f"{'trained/best':>14}{'trained/ceiling':>17}")
     for label, row in rows.items():
         start, trained = row["start"]["reward"], row["trained"]["reward"]

@@ -327,6 +327,72 @@ def test_ladder_buyer_reads_the_sellers_action_and_the_rung_of_the_ask():
     assert env.buyer_view("Talk: x\nAction: [SELL] $60.00", S, 60.0, "compact") == "Talk: x\nAction: [SELL] $60.00"
 
 
+# --- the seller's ladder: rungs from cost to list price ----------------------------------------------------------
+
+def test_seller_rungs_run_from_cost_to_list_price_and_the_rung_of_a_bid():
+    assert env.seller_prices(S) == [50.0, 55.0, 60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 100.0]
+    assert [env.bid_rung(b, S) for b in (10.0, 49.99, 50.0, 54.99, 55.0, 99.0, 100.0, 120.0)] == \
+        ["under", "under", "a", "a", "b", "j", "k", "k"]
+    assert env.seller_rung_at_or_above(56.0, S) == 2 and env.seller_rung_at_or_above(500.0, S) == 10
+    odd = Scenario("B0TEST0003", "Odd", "", "tools", 10.0, 8.0, 3.333)   # a cost off the cent: no rung below it
+    assert min(env.seller_prices(odd)) >= odd.cost
+
+
+@pytest.mark.parametrize("text,last_buy,expected", [
+    ("Thought: c\nAction: [SELL] c", 40.0, "Thought: c\nAction: [SELL] $60.00"),
+    ("Thought: a\nAction: [DEAL]", 52.0, "Thought: a\nAction: [DEAL] $52.00"),
+    ("Action: [DEAL]", None, "Action: [DEAL]"),                     # nothing to accept: left for the rules
+    ("Action: [SELL] l", 40.0, "Action: [SELL] l"),                 # no rung l: unparseable, an intervention
+    ("Action: [SELL] $45.00", 40.0, "Action: [SELL] $45.00"),       # a price written out is kept as it is
+    ("Action: [QUIT]", 40.0, "Action: [QUIT]"),
+])
+def test_expand_seller_ladder(text, last_buy, expected):
+    assert env.expand_seller_ladder(text, S, last_buy) == expected
+
+
+def test_seller_ladder_rules_and_the_regulation_on_a_models_mistakes():
+    # a rung, then a bare [DEAL] of a bid at or above cost: closes at the buyer's bid
+    o = replay(S, [msg("[BUY] $40"), "Thought: k\nAction: [SELL] k", msg("[BUY] $60"), "Thought: c\nAction: [DEAL]"],
+               seller_ladder=True)
+    assert (o.reason, o.price, o.interventions) == ("deal", 60.0, 0)
+    assert o.transcript[1].relayed.endswith("[SELL] $100.00 (1x B0TEST0001)")
+    # a bare [DEAL] of a bid below cost, a written price below cost, a fake rung: each becomes REJECT
+    o = replay(S, [msg("[BUY] $40"), "Action: [DEAL]", msg("[BUY] $45"), "Action: [SELL] $45.00",
+                   msg("[BUY] $46"), "Action: [SELL] z", msg("[QUIT]")], seller_ladder=True)
+    assert (o.reason, o.price, o.interventions) == ("quit", None, 3)
+    assert all(t.relayed.endswith("[REJECT]") for t in o.transcript if t.role == "seller")
+    assert (o.seller_replies, o.seller_errors) == (3, 1)
+    # without the seller ladder a letter is no price: unparseable, an intervention
+    o = replay(S, [msg("[BUY] $40"), "Action: [SELL] c", msg("[QUIT]")])
+    assert o.interventions == 1 and o.transcript[1].relayed.endswith("[REJECT]")
+
+
+def test_seller_reads_the_buyers_action_and_the_rung_of_the_bid():
+    relayed = "Talk: \nAction: [BUY] $62.00 (1x B0TEST0001)"
+    assert env.seller_view(relayed, S, 62.0, "ladder") == "Buyer [BUY] $62.00\nBid rung: c"
+    assert env.seller_view("Talk: x\nAction: [BUY] $20.00", S, 20.0, "ladder") == "Buyer [BUY] $20.00\nBid rung: under"
+    assert env.seller_view(relayed, S, 62.0, "compact") == relayed
+    opening = env.seller_opening(S, env.seller_view(relayed, S, 62.0, "ladder"), style="ladder")
+    assert "Rungs: a $50.00, b $55.00" in opening[1]["content"] and "k $100.00" in opening[1]["content"]
+    assert opening[1]["content"].endswith("Buyer [BUY] $62.00\nBid rung: c")
+
+
+def test_ladder_scripted_seller_asks_its_nearest_rung_and_never_needs_the_regulation(scenarios):
+    rep = scenarios[:80] * 3
+    plain = env.play(rep, env.LadderBuyer(seed=1), env.ScriptedSeller("linear", jitter=1.0, seed=2), 6)
+    ladder = env.play(rep, env.LadderBuyer(seed=1), env.ScriptedSeller("linear", jitter=1.0, seed=2, style="ladder"), 6)
+    for p, q in zip(plain, ladder):
+        s = q.negotiation.scenario
+        assert q.outcome.interventions == 0 and q.outcome.seller_errors == 0
+        for t in q.outcome.transcript:
+            if t.role == "seller" and t.action.kind == "SELL":
+                assert t.action.price in env.seller_prices(s) and t.text.endswith(f"[SELL] {t.text[9]}")
+        if q.outcome.reason == "deal":
+            assert q.outcome.price >= s.cost
+    mean = lambda games: sum(g.outcome.reward for g in games) / len(games)  # noqa: E731
+    assert abs(mean(plain) - mean(ladder)) < 0.03   # the rounding barely moves the family
+
+
 # --- information isolation ---------------------------------------------------------------------------------------
 
 def test_thought_is_never_relayed():
@@ -355,7 +421,8 @@ def test_prompts_never_leak_private_numbers(scenarios):
             # (the rungs are fixed fractions of the budget; one can equal the cost by coincidence, not by a leak)
             public = (s.list_price, s.budget) + (tuple(env.ladder_prices(s.budget)) if style == "ladder" else ())
             assert s.cost not in _money_figures(buyer_text) or s.cost in public
-            assert s.budget not in _money_figures(seller_text) or s.budget in (s.list_price, s.cost)
+            seller_public = (s.list_price, s.cost) + (tuple(env.seller_prices(s)) if style == "ladder" else ())
+            assert s.budget not in _money_figures(seller_text) or s.budget in seller_public
             assert f"{s.cost:,.2f}" in seller_text
 
 

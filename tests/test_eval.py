@@ -428,3 +428,28 @@ def test_report_renders_in_headless_chromium(report_dir):
     assert built.count('<details class="ep">') == 50  # the first page of transcripts
     assert re.search(r"\d+ episodes match, 50 shown", built)
     assert ">error<" in built  # the failed episode is shown as an error, not as a loss
+
+
+class _NotScripted:
+    """A scripted seller in disguise: best_fixed_schedule must take its batched path (as for an LLM seller)."""
+    def __init__(self, seller):
+        self.seller, self.style = seller, seller.style
+
+    def reply(self, games):
+        return self.seller.reply(games)
+
+
+def test_best_fixed_schedule_batched_path_scores_each_candidate_as_the_sequential_one(scenarios):
+    """An LLM seller is searched in one lockstep batch (ScheduleBuyer: game i plays candidate i // len(train)).
+    Against a seller without jitter it must score every candidate exactly as the one-schedule-at-a-time search."""
+    import eval as evaluation
+    train, test = scenarios[:6], scenarios[6:10]
+    candidates = env.TEACHER_SCHEDULES[::150]
+    seller = env.ScriptedSeller("linear", jitter=0.0, style="ladder")
+    plain = evaluation.best_fixed_schedule(seller, train, test, candidates=candidates, keep=len(candidates))
+    batched = evaluation.best_fixed_schedule(_NotScripted(seller), train, test, candidates=candidates,
+                                             keep=len(candidates))
+    assert batched == plain
+    assert plain["candidates"] == len(candidates) == len(plain["top"])
+    assert [r for _, r in plain["top"]] == sorted((r for _, r in plain["top"]), reverse=True)
+    assert plain["schedule"] == plain["top"][0][0] and plain["train_reward"] == plain["top"][0][1]

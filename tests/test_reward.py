@@ -96,3 +96,23 @@ def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
     assert lo <= 0.5 <= hi
     assert (lo, hi) == reward.bootstrap_ci(groups, n_boot=500, seed=1)
     assert reward.bootstrap_ci({"a": [0.3, 0.3]}) == (0.3, 0.3)
+
+
+# --- the seller's reward (self-play): the mirror of the buyer's, same room --------------------------------------
+
+def test_seller_score_by_hand():
+    # budget 80, cost 50: room 30. A deal at 60 gives the seller (60 - 50) / 30 and the buyer (80 - 60) / 30.
+    assert reward.seller_score(80.0, 50.0, 60.0) == pytest.approx(1 / 3)
+    assert reward.seller_score(80.0, 50.0, 60.0) + score(80.0, 50.0, 60.0) == pytest.approx(1.0)  # zero-sum in MI
+    assert reward.seller_score(80.0, 50.0, 80.0) == 1.0 and reward.seller_score(80.0, 50.0, 50.0) == 0.0
+    assert reward.seller_score(80.0, 50.0, 120.0) == 1.0       # clipped (the budget rule stops such a deal anyway)
+    assert reward.seller_score(80.0, 50.0, None) == 0.0        # no deal
+    assert reward.seller_score(50.5, 50.0, 50.5) == pytest.approx(0.5)   # room floored at $1
+    assert reward.seller_score(50.0, 50.0, 50.0) == 0.0         # a tie closes at cost
+
+
+def test_a_regulated_seller_never_profits_from_breaking_the_rules():
+    assert reward.seller_score(80.0, 50.0, 75.0, interventions=1) == -1.0   # even with a good deal after it
+    assert reward.seller_score(80.0, 50.0, None, interventions=3) == -1.0
+    assert reward.seller_score(80.0, 50.0, 75.0, interventions=1, intervention_penalty=-0.5) == -0.5
+    assert reward.seller_score(80.0, 50.0, 75.0, interventions=0) == pytest.approx(25 / 30)

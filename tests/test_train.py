@@ -197,6 +197,8 @@ def test_batch_that_does_not_divide_over_ranks_fails_with_a_multiple():
     (["engine.kind=vllm", "engine.tensor_parallel_size=4"], 2, "must divide the 2 rank(s)"),
     (["engine.kind=vllm", "engine.tensor_parallel_size=2", "eval.episodes_per_product=1", "eval.products=5"], 2,
      "eval.products=5: 5 evaluation products do not divide over 2 ranks"),
+    (["engine.kind=vllm", "engine.sync_strategy=merged", "seller.kind=llm", "train.sharding=fsdp2"], 2,
+     "the base-model seller is served by the HF engine over the trainer's model, which needs train.sharding=none"),
     (["engine.kind=vllm", "model.lora_target_parameters=[mlp.experts.gate_up_proj]"], 1,
      "vLLM converts peft's fused expert LoRA only when both mlp.experts.gate_up_proj and mlp.experts.down_proj"),
 ])
@@ -442,13 +444,17 @@ def test_final_evaluation_measures_generalisation_to_unseen_sellers(talking_mode
     r = run_cli(TINY, f"model.name={talking_model_dir}", f"out_dir={out}", "log.progress=false", "train.steps=1",
                 "eval.episodes_per_product=1", "eval.products=4", "eval.generalisation_episodes=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    gen = json.loads((out / "final_eval.json").read_text())["generalisation"]
-    assert list(gen) == ["scripted:boulware", "scripted:linear", "scripted:conceder", "scripted:hardliner"]
+    final = json.loads((out / "final_eval.json").read_text())
+    gen = final["generalisation"]
+    assert list(gen) == ["training:scripted", "scripted:boulware", "scripted:linear", "scripted:conceder",
+                         "scripted:hardliner"]
+    training = gen.pop("training:scripted")   # (a) the training seller: the before/after rows themselves
+    assert (training["start"], training["trained"]) == (final["before"], final["after"])
     for row in gen.values():
         assert row["start"]["episodes"] == row["trained"]["episodes"] == 8
         assert row["start"]["ceiling"] == row["trained"]["ceiling"] >= row["trained"]["reward"]  # same seller draws
         assert "best_schedule" not in row  # the compact style has no ladder schedules to search
-    assert "unseen seller" in r.stdout and "scripted:hardliner" in r.stdout
+    assert "trained/ceiling" in r.stdout and "scripted:hardliner" in r.stdout
 
 
 def test_resume_gives_the_same_next_step_as_the_uninterrupted_run(two_step_run, talking_model_dir, tmp_path):

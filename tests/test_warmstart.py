@@ -48,6 +48,31 @@ def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
     assert "Ask rung: " in decoded and "Talk:" not in decoded   # the ladder view: action and rung only
 
 
+def test_supervised_seller_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
+    """The seller's side too: the scripted seller family's replies, replayed through an LLM seller, give exactly
+    the ids and mask warmstart.render_seller supervises."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher_games = warmstart.scripted_games(scenarios[:100], 24, seed=5)
+    seller_replies = [[t.text for t in g.outcome.transcript if t.role == "seller"] for g in teacher_games]
+    calls = [[replies[r] for replies in seller_replies if len(replies) > r] for r in range(max(map(len, seller_replies)))]
+    seller = env.LLMPlayer(ReplayEngine(tok, calls), "seller", max_tokens=32, style="ladder", adapter=False)
+    replayed = env.play([g.negotiation.scenario for g in teacher_games], env.LadderBuyer(env.TEACHER_SCHEDULES, 5),
+                        seller, warmstart.MAX_ROUNDS)
+    fmt = env.ChatFormat(tok)
+    assert {g.outcome.reason for g in teacher_games} == {"deal", "max_rounds"}
+    assert any(t.text.endswith("[DEAL]") for g in teacher_games for t in g.outcome.transcript if t.role == "seller")
+    for teacher, played in zip(teacher_games, replayed):
+        assert (played.outcome.reason, played.outcome.price) == (teacher.outcome.reason, teacher.outcome.price)
+        example, conv = warmstart.render_seller(teacher, fmt), played.state["seller"]
+        assert example.ids == conv.ids
+        assert example.mask == conv.mask
+        assert played.outcome.interventions == 0
+    decoded = tok.decode(warmstart.render_seller(teacher_games[0], fmt).ids)
+    assert "Bid rung: " in decoded and "Talk:" not in decoded and "Rungs: a $" in decoded
+
+
 def test_teachers_are_every_nondecreasing_schedule_and_never_overshoot(scenarios):
     schedules = env.TEACHER_SCHEDULES
     assert len(schedules) == len(set(schedules)) == 1716   # C(8 + 6 - 1, 6)
