@@ -25,6 +25,7 @@ Standard library only at module level: engines and tokenizers are passed in and 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -334,7 +335,12 @@ _LADDER_BUY = re.compile(r"\s*([a-h])(?![\w$.,])")
 
 def ladder_prices(budget: float) -> list[float]:
     """The ladder style's candidate offers for a budget, in cents, lowest first."""
-    return [_cents(f * budget) for f in LADDER]
+    return list(_ladder_prices(budget))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ladder_prices(budget: float) -> tuple[float, ...]:
+    return tuple(_cents(f * budget) for f in LADDER)
 
 
 def ladder_rung(price: float, budget: float) -> str:
@@ -390,8 +396,13 @@ _SELLER_RUNG = re.compile(r"\s*([a-k])(?![\w$.,])")
 
 def seller_prices(s: Scenario) -> list[float]:
     """The seller ladder's asks for a scenario, in cents, lowest (its cost) first; never below the cost."""
+    return list(_seller_prices(s))
+
+
+@functools.lru_cache(maxsize=4096)   # asked several times per seller turn; a best-response search plays millions
+def _seller_prices(s: Scenario) -> tuple[float, ...]:
     top = max(s.list_price, s.cost)
-    return [max(s.cost, _cents(s.cost + f * (top - s.cost))) for f in SELLER_LADDER]
+    return tuple(max(s.cost, _cents(s.cost + f * (top - s.cost))) for f in SELLER_LADDER)
 
 
 def seller_rung_at_or_above(price: float, s: Scenario) -> int:

@@ -692,6 +692,17 @@ def add(into: dict, **values) -> None:
         into[k] = into.get(k, 0.0) + float(v)
 
 
+def add_score_stats(stats: dict, maxes: dict, mb, logp, entropy) -> None:
+    """Entropy and engine-vs-trainer log-prob gaps over one micro-batch's buyer tokens."""
+    with torch.no_grad():
+        m = mb.mask > 0
+        diff = (mb.engine_logp - logp)[m]                                                      # [n_tokens]
+        add(stats, buyer_tokens=m.sum(), entropy=entropy[m].sum(), logp_diff_abs=diff.abs().sum(),
+            logp_diff=diff.sum())
+        maxes["logp_diff_abs_max"] = max(maxes.get("logp_diff_abs_max", 0.0),
+                                         diff.abs().max().item() if m.any() else 0.0)
+
+
 @torch.no_grad()
 def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
     """The current policy's log-probs of every buyer token before any update ("old"), and the reference's when
@@ -705,11 +716,7 @@ def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
         if t.kl_coef > 0:
             with model.disable_adapter():  # the reference: the frozen base model
                 ref_logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature, only=mb.mask)    # [B, T-1]
-        m = mb.mask > 0
-        diff = (mb.engine_logp - logp)[m]                                                          # [n_tokens]
-        add(stats, buyer_tokens=m.sum(), entropy=entropy[m].sum(), logp_diff_abs=diff.abs().sum(),
-            logp_diff=diff.sum())
-        maxes["logp_diff_abs_max"] = max(maxes.get("logp_diff_abs_max", 0.0), diff.abs().max().item() if m.any() else 0.0)
+        add_score_stats(stats, maxes, mb, logp, entropy)
         for j, i in enumerate(mb.rows):
             n = len(convs[i].ids) - 1
             old[i] = logp[j, :n].cpu()
@@ -739,8 +746,12 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
             (token_logprobs(model, mb.ids, mb.attn, temperature)[0].sum() * 0).backward()
             continue
         width = mb.mask.shape[1]
-        logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature, only=mb.mask)             # [B, T-1]
-        old_logp = rows_of(old, mb.rows, width, device)                                          # [B, T-1]
+        logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, old is None, only=mb.mask)  # [B, T-1]
+        if old is None:  # one on-policy update: the "old" policy is this very forward's (ratio exactly 1)
+            old_logp = logp.detach()                                                             # [B, T-1]
+            add_score_stats(stats, maxes, mb, logp, entropy)
+        else:
+            old_logp = rows_of(old, mb.rows, width, device)                                      # [B, T-1]
         a = adv[mb.rows].to(device)[:, None].expand(-1, width)                                   # [B, T-1]
         if t.tis_cap > 0:  # w > 0, so min(r*wA, clip(r)*wA) = w * min(r*A, clip(r)*A): the token's loss times w
             a = a * tis_weights(old_logp, mb.engine_logp, t.tis_cap)                             # [B, T-1]
@@ -879,7 +890,7 @@ def generalisation(cfg, model, engine, train, test, seller_endpoint, result: dic
 
     def best_schedule(seller) -> dict:
         if isinstance(seller, env.ScriptedSeller):
-            found = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds)
+            found = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds, keep=4)
             shortlist.extend(tuple(s) for s, _ in found["top"] if tuple(s) not in shortlist)
             return found
         return evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds,
@@ -1067,7 +1078,10 @@ def main(argv: list[str] | None = None) -> dict:
             engine.sleep()  # vLLM frees the GPU while the trainer works
         stats, grad_norms, skipped = {}, [], 0
         maxes = {"logp_diff_abs_max": 0.0, "ratio_max": 0.0, "inv_ratio_max": 0.0}  # same keys on every rank
-        old, ref = score_rollouts(model, convs, cfg, pad_id, device, stats, maxes)
+        # One update per batch without a KL: the old log-probs are the update's own forward's, detached, the same
+        # numbers a separate scoring pass gives (same weights, same mode, same micro-batches), at one forward less.
+        one_pass = t.updates_per_batch == 1 and t.kl_coef == 0
+        old, ref = (None, None) if one_pass else score_rollouts(model, convs, cfg, pad_id, device, stats, maxes)
         n = len(convs)
         for k in range(t.updates_per_batch):  # consecutive parts; all use the same old log-probs
             rows = list(range(k * n // t.updates_per_batch, (k + 1) * n // t.updates_per_batch))

