@@ -355,6 +355,12 @@ def expand_ladder(text: str, budget: float, last_sell: float | None) -> str:
     """A ladder reply with its price written in, for parse_action: on the action line, a rung letter right after
     [BUY] becomes that rung's price, and a [DEAL] with no price gets the seller's last offer. Anything else is
     returned unchanged (and parsed, or rejected, by the ordinary rules)."""
+    return _write_rung_price(text, "BUY", _LADDER_BUY, LADDER_LETTERS, lambda: ladder_prices(budget), last_sell)
+
+
+def _write_rung_price(text, offer: str, rung_re, letters: str, prices, other_offer: float | None) -> str:
+    """Both roles' ladder expansion: on the action line, a rung letter right after [offer] becomes that rung's price
+    (prices() lists them), and a [DEAL] with no price gets `other_offer`; anything else is returned unchanged."""
     lines = text.splitlines() if isinstance(text, str) else []
     i = _last_action_line(lines)
     if i is None:
@@ -364,11 +370,11 @@ def expand_ladder(text: str, budget: float, last_sell: float | None) -> str:
     if not tag:
         return text
     kind, rest = tag.group(1).upper(), line[tag.end():]
-    if kind == "BUY" and (m := _LADDER_BUY.match(rest)):
-        price = ladder_prices(budget)[LADDER_LETTERS.index(m.group(1))]
+    if kind == offer and (m := rung_re.match(rest)):
+        price = prices()[letters.index(m.group(1))]
         lines[i] = line[:tag.end()] + f" ${price:.2f}" + rest[m.end():]
-    elif kind == "DEAL" and last_sell is not None and not _MONEY.search(rest):
-        lines[i] = line[:tag.end()] + f" ${last_sell:.2f}" + rest
+    elif kind == "DEAL" and other_offer is not None and not _MONEY.search(rest):
+        lines[i] = line[:tag.end()] + f" ${other_offer:.2f}" + rest
     return "\n".join(lines)
 
 
@@ -420,21 +426,7 @@ def bid_rung(bid: float, s: Scenario) -> str:
 def expand_seller_ladder(text: str, s: Scenario, last_buy: float | None) -> str:
     """A seller ladder reply with its price written in, for parse_action: a rung letter right after [SELL] becomes
     that rung's ask, a [DEAL] with no price gets the buyer's last bid. Anything else is returned unchanged."""
-    lines = text.splitlines() if isinstance(text, str) else []
-    i = _last_action_line(lines)
-    if i is None:
-        return text
-    line = lines[i]
-    tag = _TAG.search(line)
-    if not tag:
-        return text
-    kind, rest = tag.group(1).upper(), line[tag.end():]
-    if kind == "SELL" and (m := _SELLER_RUNG.match(rest)):
-        price = seller_prices(s)[SELLER_LETTERS.index(m.group(1))]
-        lines[i] = line[:tag.end()] + f" ${price:.2f}" + rest[m.end():]
-    elif kind == "DEAL" and last_buy is not None and not _MONEY.search(rest):
-        lines[i] = line[:tag.end()] + f" ${last_buy:.2f}" + rest
-    return "\n".join(lines)
+    return _write_rung_price(text, "SELL", _SELLER_RUNG, SELLER_LETTERS, lambda: seller_prices(s), last_buy)
 
 
 def seller_view(message: str, scenario: Scenario, last_buy: float | None, style: str) -> str:
@@ -808,11 +800,14 @@ class LadderBuyer:
             raise ValueError("LadderBuyer needs at least one schedule")
         self.schedules, self.seed = [tuple(s) for s in schedules], seed
 
+    def schedule_of(self, game: Game) -> tuple:
+        return random.Random(f"{self.seed}:{game.index}").choice(self.schedules)
+
     def reply(self, games: list[Game]) -> list[str]:
         texts = []
         for g in games:
             if "buyer" not in g.state:
-                g.state["buyer"] = random.Random(f"{self.seed}:{g.index}").choice(self.schedules)
+                g.state["buyer"] = self.schedule_of(g)
             schedule, neg = g.state["buyer"], g.negotiation
             rung = schedule[min(neg.round, len(schedule) - 1)]
             texts.append(ladder_reply(rung, neg.last_sell, neg.scenario.budget))

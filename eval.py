@@ -242,21 +242,16 @@ def summarize_with_ci(records: list[dict]) -> dict:
     return reward.summarize(stats_of(r) for r in records) | {"reward_ci95": [lo, hi], "products": len(by_product)}
 
 
-class ScheduleBuyer:
-    """Game i plays candidate schedule i // per (a ladder buyer): many fixed schedules in one lockstep batch, so an
-    LLM seller serves them all at once."""
-    style = "ladder"
+class ScheduleBuyer(env.LadderBuyer):
+    """Game i plays candidate schedule i // per: many fixed schedules in one lockstep batch, so an LLM seller
+    serves them all at once."""
 
     def __init__(self, schedules, per: int):
-        self.schedules, self.per = [tuple(s) for s in schedules], per
+        super().__init__(schedules)
+        self.per = per
 
-    def reply(self, games: list[env.Game]) -> list[str]:
-        out = []
-        for g in games:
-            schedule, neg = self.schedules[g.index // self.per], g.negotiation
-            out.append(env.ladder_reply(schedule[min(neg.round, len(schedule) - 1)], neg.last_sell,
-                                        neg.scenario.budget))
-        return out
+    def schedule_of(self, game: env.Game) -> tuple:
+        return self.schedules[game.index // self.per]
 
 
 def best_fixed_schedule(seller, train: list[data.Scenario], test: list[data.Scenario], max_rounds: int = 6,

@@ -151,23 +151,22 @@ def render_seller(game: env.Game, fmt: env.ChatFormat) -> Example | None:
     turns = seller_turns(game)
     if len(turns) < 2:
         return None
-    ids = fmt.opening(env.seller_opening(game.negotiation.scenario, turns[0]["content"], style="ladder"))
-    mask = [0] * len(ids)
-    for m in turns[1:]:
-        if m["role"] == "assistant":
-            part, bit = fmt.encode(m["content"]) + [fmt.eos_id], 1
-        else:
-            part, bit = fmt.continuation(m["content"], True), 0
-        ids, mask = ids + part, mask + [bit] * len(part)
-    return Example(ids, mask)
+    opening = env.seller_opening(game.negotiation.scenario, turns[0]["content"], style="ladder")
+    return render(fmt, opening, turns[1:])
 
 
 def render_buyer(game: env.Game, fmt: env.ChatFormat) -> Example:
     """The buyer's side of a scripted episode, token by token as env.LLMPlayer would have built it had the model
     generated these replies: opening prompt, reply ids + end-of-turn, template delta with the seller's message, ..."""
-    ids = fmt.opening(env.buyer_opening(game.negotiation.scenario, "ladder"))
+    return render(fmt, env.buyer_opening(game.negotiation.scenario, "ladder"), buyer_turns(game))
+
+
+def render(fmt: env.ChatFormat, opening: list[dict], turns: list[dict]) -> Example:
+    """One side's conversation in the trainer's token layout: the opening prompt (mask 0), then each of its own
+    replies as ids + end-of-turn (mask 1) and each message from the other side as the template delta (mask 0)."""
+    ids = fmt.opening(opening)
     mask = [0] * len(ids)
-    for m in buyer_turns(game):
+    for m in turns:
         if m["role"] == "assistant":
             part, bit = fmt.encode(m["content"]) + [fmt.eos_id], 1
         else:
