@@ -89,6 +89,8 @@ class TrainConfig:
     steps: int = 60  # optimisation steps (each: rollouts, then updates)
     lr: float = 3e-5  # AdamW learning rate after warm-up
     warmup_updates: int = 0  # linear learning-rate warm-up over this many optimiser updates
+    lr_schedule: str = "constant"  # after warm-up: "constant" | "cosine" (down to lr * min_lr_ratio at the last update)
+    min_lr_ratio: float = 0.1  # cosine's final learning rate as a fraction of lr
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA parameters
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
@@ -124,6 +126,20 @@ class EvalConfig:
 
 
 @dataclass
+class SelfPlayConfig:
+    mode: str = "off"  # "off": only the buyer learns (the paper) | "alternate" | "simultaneous": the seller learns too
+    switch_every: int = 5  # alternate: this many steps of the buyer learning, then as many of the seller, ...
+    seller_lr: float = 0.0  # the seller adapter's AdamW learning rate; 0 = train.lr (same schedule and warm-up)
+    intervention_penalty: float = -1.0  # the seller's reward for an episode the regulation had to overrule it in
+    league_latest: float = 1.0  # weights of each group's opponent: the other side as it is now (its adapter)
+    league_snapshots: float = 0.0  # one of its saved snapshots, uniformly (the latest while there is none yet)
+    league_base: float = 0.0  # the frozen base model (adapter off), which plays both roles
+    league_scripted: float = 0.0  # scripted: the seller family / the ladder teachers (ladder style), OG-Narrator
+    snapshot_every: int = 10  # steps between snapshots of each side's adapter (kept in memory and in out_dir)
+    max_snapshots: int = 4  # snapshots kept per side (the oldest is dropped)
+
+
+@dataclass
 class LogConfig:
     transcripts_per_step: int = 4  # full episodes written to transcripts.jsonl per step (one per product)
     tensorboard: bool = False  # write TensorBoard events to <out_dir>/tb (needs the tensorboard package)
@@ -140,6 +156,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    selfplay: SelfPlayConfig = field(default_factory=SelfPlayConfig)  # the seller learns back (a second adapter)
     log: LogConfig = field(default_factory=LogConfig)
     out_dir: str = "runs/default"  # run folder: config, metrics, transcripts, checkpoints
     seed: int = 0  # seeds data order, sampling and every rank's RNG (rank r uses seed + r where it differs)
@@ -219,6 +236,8 @@ class Config:
         need(t.steps >= 1, "train.steps", "must be >= 1")
         need(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive finite number (the paper: 3e-5)")
         need(t.warmup_updates >= 0, "train.warmup_updates", "must be >= 0")
+        need(t.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "must be 'constant' or 'cosine'")
+        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1] (a fraction of train.lr)")
         need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1), e.g. 0.9")
         need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1), e.g. 0.999")
@@ -249,6 +268,7 @@ class Config:
         need(not ev.generalisation_temperatures or s.kind == "llm", "eval.generalisation_temperatures",
              "other temperatures of the LLM seller need seller.kind=llm; use [] for another seller")
         need(ev.best_response_products >= 1, "eval.best_response_products", "must be >= 1 (e.g. 16)")
+        self.validate_selfplay(need)
         need(lg.transcripts_per_step >= 0, "log.transcripts_per_step", "must be >= 0")
         need(bool(self.out_dir), "out_dir", "set a run folder, e.g. runs/my-run")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
@@ -271,6 +291,34 @@ class Config:
                  f"each rank has only {local} episodes per step to cut into updates; use at most {local}")
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+    def validate_selfplay(self, need) -> None:
+        sp = self.selfplay
+        need(sp.mode in SELFPLAY_MODES, "selfplay.mode", f"use one of {SELFPLAY_MODES}")
+        if sp.mode == "off":
+            return
+        weights = [sp.league_latest, sp.league_snapshots, sp.league_base, sp.league_scripted]
+        need(all(w >= 0 for w in weights) and sum(weights) > 0, "selfplay.league_latest",
+             "the league weights (league_latest, league_snapshots, league_base, league_scripted) must be >= 0 and "
+             "not all 0, e.g. league_latest=0.5 league_snapshots=0.25 league_base=0.25")
+        need(sp.switch_every >= 1, "selfplay.switch_every", "must be >= 1 (steps per side in alternate mode)")
+        need(sp.seller_lr >= 0, "selfplay.seller_lr", "must be >= 0 (0 = train.lr)")
+        need(sp.snapshot_every >= 1, "selfplay.snapshot_every", "must be >= 1")
+        need(sp.max_snapshots >= 1, "selfplay.max_snapshots", "must be >= 1")
+        need(self.seller.kind == "llm", "seller.kind",
+             "self-play trains the seller as a second adapter of the same model: use seller.kind=llm")
+        need(self.engine.kind == "hf", "engine.kind",
+             "self-play runs on the HF engine for now (vLLM would serve two adapters and the snapshots as LoRA "
+             "slots: not built yet): use engine.kind=hf")
+        need(self.train.sharding == "none", "train.sharding",
+             "self-play keeps its snapshots as extra peft adapters, which FSDP2 would have to shard after the "
+             "fact: use train.sharding=none")
+        need(self.model.quantization == "none", "model.quantization",
+             "self-play's second adapter and snapshots are plain peft adapters: use model.quantization=none")
+
+
+SELFPLAY_MODES = ("off", "alternate", "simultaneous")
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,7 @@ Deliberate choices:
   changed (a parameter's version counter), so a hit always means the same weights and the same tokens.
 - Log-probs are computed in float32 whatever the model dtype, so they compare with the trainer's.
 - adapter=False runs the same weights under `disable_adapter()`: one copy of the base serves buyer and seller.
+  adapter="seller" (a peft adapter name) runs that adapter instead of the active one: self-play's two sides.
 """
 from __future__ import annotations
 
@@ -84,14 +85,33 @@ def sample_next(logits: torch.Tensor, temperature: float, generator) -> tuple[to
 
 
 @contextmanager
-def generation_mode(model, adapter: bool):
-    """eval mode (no dropout, KV cache allowed under gradient checkpointing), no autograd, adapter on or off;
-    the training mode is restored afterwards."""
+def active_adapter(model, name: str):
+    """peft's adapter `name` active inside, the previously active one (and which LoRA weights require grad:
+    peft's set_adapter switches that too) restored afterwards. Self-play's buyer ("default") and seller share one
+    base this way."""
+    before = model.active_adapter
+    trainable = [(p, p.requires_grad) for n, p in model.named_parameters() if "lora_" in n]
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(before)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def generation_mode(model, adapter: bool | str):
+    """eval mode (no dropout, KV cache allowed under gradient checkpointing), no autograd; the adapter on (True:
+    the active one, a name: that one) or off (False: the frozen base); the training mode is restored afterwards."""
     was_training = model.training
-    disable = model.disable_adapter() if (not adapter and hasattr(model, "disable_adapter")) else nullcontext()
+    if isinstance(adapter, str):
+        choose = active_adapter(model, adapter)
+    else:
+        choose = model.disable_adapter() if (not adapter and hasattr(model, "disable_adapter")) else nullcontext()
     model.eval()
     try:
-        with disable, torch.inference_mode():
+        with choose, torch.inference_mode():
             yield
     finally:
         model.train(was_training)
@@ -104,12 +124,12 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens  # cap on rows * (longest prompt + max_tokens) per forward batch
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.stores: dict[bool, PrefixStore] = {}  # adapter on/off -> the KV of the last call's rows
+        self.stores: dict[bool | str, PrefixStore] = {}  # adapter on/off/name -> the KV of the last call's rows
 
     def sync(self, model) -> None:
         """Nothing to do: the engine generates with the trainer's own model object."""
 
-    def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool,
+    def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool | str,
                  seed: int | None = None) -> list[Generation]:
         check_generate_args(prompts, temperature, max_tokens)
         device = next(self.model.parameters()).device

@@ -820,6 +820,32 @@ def scripted_buyer(style: str, seed: int = 0):
     return LadderBuyer(seed=seed) if style == "ladder" else ScriptedBuyer()
 
 
+class Mixture:
+    """Several players in one role, one per block of `group_size` consecutive games (a GRPO group): block k is
+    played by players[choice[k]]. Each member replies to its own games in one batch, every round, also to none
+    (a tensor-parallel engine needs every call). Self-play's league: each group's opponent is drawn from a pool."""
+
+    def __init__(self, players: list, choice: list[int], group_size: int = 1):
+        ladder = {getattr(p, "style", "") == "ladder" for p in players}
+        if len(ladder) > 1:
+            raise ValueError("a Mixture's players must all speak the ladder or none (env.play's rules follow it)")
+        if any(not 0 <= c < len(players) for c in choice):
+            raise ValueError(f"choice {choice} names a player outside 0..{len(players) - 1}")
+        self.players, self.choice, self.group_size = players, choice, group_size
+        self.style = "ladder" if ladder == {True} else ""
+
+    def member(self, game: Game) -> int:
+        return self.choice[game.index // self.group_size]
+
+    def reply(self, games: list[Game]) -> list[str]:
+        texts = [""] * len(games)
+        for k, player in enumerate(self.players):
+            mine = [i for i, g in enumerate(games) if self.member(g) == k]
+            for i, text in zip(mine, player.reply([games[i] for i in mine])):
+                texts[i] = text
+        return texts
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The lockstep runner
 

@@ -84,7 +84,9 @@ def episode_record(outcome: env.Outcome, *, buyer: str, seller: str, persona: st
     """One JSONL line: the labels of the matchup, then env.Outcome.to_dict() (scenario, replies with Thought,
     parsed actions, reason, price, reward, ...)."""
     return {"buyer": buyer, "seller": seller, "persona": persona, "product": outcome.scenario.codename,
-            "episode": episode, "seed": seed, "error": endpoint_error_of(outcome)} | outcome.to_dict()
+            "episode": episode, "seed": seed, "error": endpoint_error_of(outcome),
+            "seller_reward": reward.seller_score(outcome.budget, outcome.cost, outcome.price, outcome.interventions)
+            } | outcome.to_dict()
 
 
 def read_records(path) -> list[dict]:
@@ -234,12 +236,20 @@ def stats_of(record: dict) -> reward.EpisodeStats:
 
 
 def summarize_with_ci(records: list[dict]) -> dict:
-    """reward.summarize of the records plus reward_ci95: the bootstrap interval over products."""
-    by_product = defaultdict(list)
+    """reward.summarize of the records plus reward_ci95: the bootstrap interval over products; and the seller's
+    mean reward (reward.seller_score) with its interval."""
+    by_product, seller_by_product = defaultdict(list), defaultdict(list)
     for r in records:
         by_product[r["product"]].append(r["reward"])
+        if r.get("seller_reward") is not None:
+            seller_by_product[r["product"]].append(r["seller_reward"])
     lo, hi = reward.bootstrap_ci(by_product) if records else (None, None)
-    return reward.summarize(stats_of(r) for r in records) | {"reward_ci95": [lo, hi], "products": len(by_product)}
+    out = reward.summarize(stats_of(r) for r in records) | {"reward_ci95": [lo, hi], "products": len(by_product)}
+    if seller_by_product:
+        scores = [x for v in seller_by_product.values() for x in v]
+        out |= {"seller_reward": sum(scores) / len(scores),
+                "seller_reward_ci95": list(reward.bootstrap_ci(seller_by_product))}
+    return out
 
 
 class ScheduleBuyer(env.LadderBuyer):
@@ -302,6 +312,55 @@ def metrics_table(records: list[dict]) -> dict:
     return {"rows": rows}
 
 
+def crossplay_table(records: list[dict], buyers: list[str], sellers: list[str]) -> dict:
+    """The cross-play table: each buyer's mean reward against each seller and each seller's mean reward
+    (reward.seller_score) against each buyer, over all its personas' episodes, with bootstrap intervals over
+    products; per buyer its worst reward over the sellers, per seller its mean over the buyers."""
+    cells = [[summarize_with_ci([r for r in records if r["buyer"] == b and r["seller"] == s and r.get("error") is None])
+              for s in sellers] for b in buyers]
+    pick = lambda key: [[c.get(key) for c in row] for row in cells]  # noqa: E731
+    buyer_reward = pick("reward")
+    return {"buyers": buyers, "sellers": sellers, "buyer_reward": buyer_reward,
+            "buyer_reward_ci95": pick("reward_ci95"), "seller_reward": pick("seller_reward"),
+            "seller_reward_ci95": pick("seller_reward_ci95"), "deal_rate": pick("deal_rate"),
+            "episodes": pick("episodes"),
+            "worst_buyer_reward": {b: min(row) for b, row in zip(buyers, buyer_reward)},
+            "seller_mean_reward": {s: sum(row[j] for row in pick("seller_reward")) / len(buyers)
+                                   for j, s in enumerate(sellers)}}
+
+
+def schedule_shortlist(search: list[data.Scenario], test: list[data.Scenario], max_rounds: int, keep: int = 4,
+                       jitter: float = 0.5) -> list[tuple]:
+    """The candidates a best response is searched among against an LLM seller: the `keep` best fixed schedules
+    against each scripted strategy (full searches, cheap), in order, without repeats."""
+    shortlist: list[tuple] = []
+    for strategy in env.ScriptedSeller.STRATEGIES:
+        found = best_fixed_schedule(env.ScriptedSeller(strategy, jitter=jitter), search, test, max_rounds, keep=keep)
+        shortlist += [tuple(c) for c, _ in found["top"] if tuple(c) not in shortlist]
+    return shortlist
+
+
+def exploitability(args, engine, sellers: list[dict], scenarios: list[data.Scenario],
+                   search_products: int = 16) -> dict:
+    """Per seller, the best fixed ladder schedule's reward against it on the held-out products (chosen on train
+    products): the best response by search. A scripted seller is searched over all 1,716 schedules, a model
+    seller over the scripted searches' shortlist."""
+    if args.style != "ladder":
+        raise ValueError("--exploitability searches ladder schedules: it needs --style ladder (a ladder checkpoint)")
+    train, _ = data.split_scenarios(data.load_scenarios(args.data or None, budget_factor=args.budget_factor),
+                                    seed=args.split_seed, test_size=args.test_size)
+    search = train[:search_products]
+    shortlist = schedule_shortlist(search, scenarios, args.max_rounds)
+    out = {}
+    for x in sellers:
+        seller = make_seller(args, engine, {}, x["personas"][0], x)
+        found = best_fixed_schedule(seller, search, scenarios, args.max_rounds,
+                                    candidates=None if x["kind"] == "scripted" else shortlist)
+        out[x["name"]] = {"schedule": found["schedule"], "reward": found["test"]["reward"],
+                          "deal_rate": found["test"]["deal_rate"], "candidates": found["candidates"]}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line: every check before any episode, then players, the run, the files
 
@@ -334,8 +393,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--buyer-url", help="buyer: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     a("--buyer-model", help="the model name the buyer endpoint serves")
     a("--buyer-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the buyer endpoint's key")
-    a("--seller", default="base",
-      help="base (the frozen base model) | scripted[:boulware|linear|conceder|hardliner] | an endpoint URL")
+    a("--seller", action="append", default=None,
+      help="base (the frozen base model) | scripted[:boulware|linear|conceder|hardliner] | an endpoint URL | a "
+      "self-play checkpoint (its seller_adapter/) or a seller snapshot folder; repeat for a cross-play table "
+      "(default: base)")
+    a("--exploitability", action="store_true", help="per seller also the best fixed ladder schedule's reward against "
+      "it (a best response found by search on train products; ladder style): how exploitable it is")
     a("--seller-jitter", type=float, default=0.0, help="scripted seller: random spread of its concession exponent "
       "and margin per episode (env.ScriptedSeller; default 0)")
     a("--seller-model", help="the model name the seller endpoint serves (with --seller URL)")
@@ -362,6 +425,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         kind = type(default) if default != "" else str
         g.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{key} (default {default!r})")
     args = p.parse_args(argv)
+    args.seller = args.seller or ["base"]
     for name in ("episodes", "max_rounds", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -381,6 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def seller_kind(spec: str) -> str:
     if spec == "base":
         return "base"
+    if Path(spec).expanduser().is_dir():
+        return "adapter"
     if spec == "scripted" or spec.startswith("scripted:"):
         strategy = spec.partition(":")[2] or "boulware"
         if strategy not in env.ScriptedSeller.STRATEGIES:
@@ -389,16 +455,50 @@ def seller_kind(spec: str) -> str:
         return "scripted"
     if spec.startswith(("http://", "https://")):
         return "endpoint"
-    raise ValueError(f"--seller {spec!r}: use base, scripted[:{'|'.join(env.ScriptedSeller.STRATEGIES)}] or an "
-                     f"http(s):// endpoint URL")
+    raise ValueError(f"--seller {spec!r}: use base, scripted[:{'|'.join(env.ScriptedSeller.STRATEGIES)}], an "
+                     f"http(s):// endpoint URL or a self-play checkpoint / seller snapshot folder")
 
 
-def seller_name(args) -> str:
-    kind = seller_kind(args.seller)
+def seller_name(args, spec: str) -> str:
+    kind = seller_kind(spec)
     if kind == "scripted":
         jitter = f" jitter={args.seller_jitter:g}" if args.seller_jitter else ""
-        return "scripted:" + (args.seller.partition(":")[2] or "boulware") + jitter
-    return f"{args.seller_model} @ {args.seller}" if kind == "endpoint" else "base"
+        return "scripted:" + (spec.partition(":")[2] or "boulware") + jitter
+    if kind == "adapter":
+        return "seller:" + "/".join(Path(spec).resolve().parts[-2:])
+    return f"{args.seller_model} @ {spec}" if kind == "endpoint" else "base"
+
+
+def find_seller_adapter(spec: str) -> Path:
+    """A self-play checkpoint's seller_adapter/ (train.py), or a folder that is itself a peft adapter (a snapshot
+    in out_dir/snapshots/)."""
+    p = Path(spec).expanduser()
+    for candidate in (p / "seller_adapter", p):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"--seller {spec}: no seller_adapter/ and no adapter_config.json there; pass a "
+                            f"self-play checkpoint (runs/NAME/step_NNNNNN) or a snapshot (runs/NAME/snapshots/"
+                            f"seller_step_NNNNNN)")
+
+
+def plan_sellers(args) -> list[dict]:
+    """One dict per seller: name, kind (base | scripted | endpoint | adapter), spec, and for adapters the path
+    and base model. Checks on disk only."""
+    sellers = []
+    for spec in args.seller:
+        kind = seller_kind(spec)
+        plan = {"name": seller_name(args, spec), "kind": kind, "spec": spec}
+        if kind == "adapter":
+            adapter = find_seller_adapter(spec)
+            plan |= {"path": str(adapter), "adapter_sha256": adapter_sha256(adapter), "base_model": json.loads(
+                (adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or args.base_model}
+        sellers.append(plan)
+    names = [x["name"] for x in sellers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sellers must be distinct, got {names}")
+    if sum(x["kind"] == "endpoint" for x in sellers) > 1:
+        raise ValueError("at most one endpoint seller per call (--seller-model names its model)")
+    return sellers
 
 
 def resolve_personas(spec: str | None, kind: str) -> list[str]:
@@ -501,7 +601,8 @@ def resolve_base_model(args, buyers: list[dict]) -> str | None:
         if not same_model(a["base_model"], b["base_model"]):
             raise ValueError(f"checkpoints {a['path']} (base {a['base_model']!r}) and {b['path']} (base "
                              f"{b['base_model']!r}) have different base models; evaluate them in separate calls")
-    needed = adapters or any(b["kind"] == "base" for b in buyers) or seller_kind(args.seller) == "base"
+    needed = adapters or any(b["kind"] == "base" for b in buyers) or any(
+        seller_kind(x) in ("base", "adapter") for x in args.seller)
     if not needed:
         return None
     base = args.base_model or (adapters[0]["base_model"] if adapters else None)
@@ -538,10 +639,12 @@ def check_endpoints(args) -> dict:
     endpoints = {}
     if args.buyer_url:
         endpoints["buyer"] = ChatEndpoint(args.buyer_url, args.buyer_model, api_key_env=args.buyer_api_key_env)
-    if seller_kind(args.seller) == "endpoint":
+    for spec in args.seller:
+        if seller_kind(spec) != "endpoint":
+            continue
         if not args.seller_model:
             raise ValueError("--seller URL needs --seller-model NAME (the model the server serves)")
-        endpoints["seller"] = ChatEndpoint(args.seller, args.seller_model, api_key_env=args.seller_api_key_env)
+        endpoints["seller"] = ChatEndpoint(spec, args.seller_model, api_key_env=args.seller_api_key_env)
     for role, ep in endpoints.items():
         try:
             ep.check()
@@ -576,14 +679,18 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_engine(args, base_model: str, buyers: list[dict]):
-    """The base model once; every adapter under its buyer's name. The seller runs with adapters off."""
+def load_engine(args, base_model: str, buyers: list[dict], sellers: list[dict] = ()):
+    """The base model once; every adapter under its buyer's (or seller's) name. A base seller runs with adapters
+    off, a self-play seller with its own adapter."""
     import model as model_lib
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
     cfg = model_lib.ModelConfig(name=base_model, dtype=dtype, quantization=args.quantization)
     adapters = [b for b in buyers if b["kind"] == "adapter"]
+    seller_adapters = [x for x in sellers if x["kind"] == "adapter"]
+    if args.engine == "vllm" and seller_adapters:
+        raise ValueError("a self-play seller (an adapter) is evaluated on the HF engine: use --engine hf")
     if args.engine == "vllm":
         from vllm_engine import VLLMEngine
         ranks = [json.loads((Path(b["path"]) / "adapter_config.json").read_text())["r"] for b in adapters]
@@ -594,10 +701,11 @@ def load_engine(args, base_model: str, buyers: list[dict]):
                           quantization="bitsandbytes" if args.quantization == "4bit" else None)
     from engine import HFEngine
     m = model_lib.load_base_model(cfg, device)
-    if adapters:
+    everyone = adapters + seller_adapters
+    if everyone:
         from peft import PeftModel
-        m = PeftModel.from_pretrained(m, adapters[0]["path"], adapter_name=adapters[0]["name"])
-        for b in adapters[1:]:
+        m = PeftModel.from_pretrained(m, everyone[0]["path"], adapter_name=everyone[0]["name"])
+        for b in everyone[1:]:
             m.load_adapter(b["path"], adapter_name=b["name"])
     return HFEngine(m, model_lib.load_tokenizer(cfg))
 
@@ -623,17 +731,18 @@ def make_buyer(args, engine, endpoints: dict, buyer: dict):
                          description_chars=args.description_chars, max_context=args.max_context, seed=args.seed)
 
 
-def make_seller(args, engine, endpoints: dict, persona: str):
-    kind = seller_kind(args.seller)
+def make_seller(args, engine, endpoints: dict, persona: str, seller: dict):
+    kind = seller["kind"]
     if kind == "scripted":
-        return env.ScriptedSeller(args.seller.partition(":")[2] or "boulware", jitter=args.seller_jitter, seed=args.seed)
+        return env.ScriptedSeller(seller["spec"].partition(":")[2] or "boulware", jitter=args.seller_jitter,
+                                  seed=args.seed)
     text = "" if persona == "none" else env.load_persona(persona)
     if kind == "endpoint":
         return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
                               max_tokens=args.seller_max_tokens, persona=text, description_chars=args.description_chars)
     return env.LLMPlayer(engine, "seller", temperature=args.seller_temp, max_tokens=args.seller_max_tokens,
-                         adapter=False, persona=text, style=args.style, description_chars=args.description_chars,
-                         max_context=args.max_context, seed=args.seed)
+                         adapter=seller["name"] if kind == "adapter" else False, persona=text, style=args.style,
+                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed)
 
 
 # ---- the files ------------------------------------------------------------------------------------------------
@@ -664,12 +773,12 @@ PROTOCOL_FLAGS = ("seller", "seller_jitter", "episodes", "products", "max_rounds
                   "engine", *RUN_SETTINGS)
 
 
-def run_info(args, buyers, base_model, personas, scenarios, sources) -> dict:
+def run_info(args, buyers, sellers, base_model, personas, scenarios, sources) -> dict:
     protocol = {k: getattr(args, k) for k in PROTOCOL_FLAGS} | {"base_model": base_model}
     protocol["data"] = str(data.resolve_data_path(args.data or None))
     return {"command": " ".join(["eval.py"] + sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "buyers": [{k: v for k, v in b.items() if k != "config"} for b in buyers],
-            "seller_name": seller_name(args), "persona_names": personas, "n_products": len(scenarios),
+            "buyers": [{k: v for k, v in b.items() if k != "config"} for b in buyers], "sellers": sellers,
+            "seller_name": sellers[0]["name"], "persona_names": personas, "n_products": len(scenarios),
             "mi_products": sum(s.mi for s in scenarios), "settings_from": sources, "protocol": protocol,
             "versions": versions()}
 
@@ -715,37 +824,46 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     try:  # every check before a model loads or an episode is played: one clear message, no traceback
-        kind = seller_kind(args.seller)
         buyers = plan_buyers(args)
+        sellers = plan_sellers(args)
         sources = resolve_settings(args, buyers)
-        personas = resolve_personas(args.personas if kind == "scripted" else
-                                    args.personas or args.seller_persona or "none", kind)
+        if all(x["kind"] == "scripted" for x in sellers):
+            personas = resolve_personas(args.personas, "scripted")
+        else:
+            personas = resolve_personas(args.personas or args.seller_persona or "none", "llm")
+        for x in sellers:   # a scripted seller has no persona
+            x["personas"] = ["none"] if x["kind"] == "scripted" else personas
         base_model = resolve_base_model(args, buyers)
         training = read_training_run(args.run)
         scenarios = held_out_products(args)
-        info = run_info(args, buyers, base_model, personas, scenarios, sources)
+        info = run_info(args, buyers, sellers, base_model, personas, scenarios, sources)
         endpoints = check_endpoints(args)
         prepare_out(out, info, args.resume)
+        engine = load_engine(args, base_model, buyers, sellers) if base_model else None
     except (ValueError, FileNotFoundError, FileExistsError, EndpointError) as e:
         raise SystemExit(f"eval.py: {e}") from None
 
-    engine = load_engine(args, base_model, buyers) if base_model else None
     t0 = time.time()
     for b in buyers:
         buyer = make_buyer(args, engine, endpoints, b)
-        for persona in personas:
-            evaluate(buyer, make_seller(args, engine, endpoints, persona), scenarios, episodes_per_product=args.episodes,
-                     max_rounds=args.max_rounds, batch_size=args.batch_size, buyer_name=b["name"],
-                     seller_name=info["seller_name"], persona=persona, seed=args.seed,
-                     out_path=out / "episodes.jsonl", resume=True, progress=not args.no_progress)
-            # resume=True: a fresh run starts from an empty file (prepare_out checked), so it only skips what
-            # this run has already played
+        for x in sellers:
+            for persona in x["personas"]:
+                evaluate(buyer, make_seller(args, engine, endpoints, persona, x), scenarios,
+                         episodes_per_product=args.episodes, max_rounds=args.max_rounds, batch_size=args.batch_size,
+                         buyer_name=b["name"], seller_name=x["name"], persona=persona, seed=args.seed,
+                         out_path=out / "episodes.jsonl", resume=True, progress=not args.no_progress)
+                # resume=True: a fresh run starts from an empty file (prepare_out checked), so it only skips
+                # what this run has already played
     info["seconds"] = round(time.time() - t0, 1)
     info["endpoint_failures"] = {role: ep.failures for role, ep in endpoints.items()}
 
-    wanted = {(b["name"], info["seller_name"], p) for b in buyers for p in personas}
+    wanted = {(b["name"], x["name"], p) for b in buyers for x in sellers for p in x["personas"]}
     records = [r for r in read_records(out / "episodes.jsonl") if (r["buyer"], r["seller"], r["persona"]) in wanted]
     metrics = {"run": info} | metrics_table(records)
+    if len(sellers) > 1 or args.exploitability:
+        metrics["crossplay"] = crossplay_table(records, [b["name"] for b in buyers], [x["name"] for x in sellers])
+        if args.exploitability:
+            metrics["crossplay"]["exploitability"] = exploitability(args, engine, sellers, scenarios)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     import report
     report.write_report(out, metrics, records, training)

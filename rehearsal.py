@@ -299,9 +299,9 @@ def rank_side(argv: list[str]) -> int:
 
     original_save = train.save_checkpoint
 
-    def save_checkpoint(cfg, model, optimizer, scheduler, step, bad_updates):
+    def save_checkpoint(cfg, model, sides, step):
         with phase("checkpoint", f"step_{step:06d}"):
-            out = original_save(cfg, model, optimizer, scheduler, step, bad_updates)
+            out = original_save(cfg, model, sides, step)
             if train.rank() == 0:
                 rngs = torch.load(Path(cfg.out_dir) / f"step_{step:06d}" / "trainer.pt", weights_only=False)["rng"]
                 if torch.equal(rngs[0]["torch"], rngs[1]["torch"]):

@@ -182,12 +182,39 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def crossplay_tables(cross: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The cross-play table (eval.crossplay_table) as (title, head, rows): the buyers' rewards (a row per buyer,
+    a column per seller, and the buyer's worst), the sellers' rewards, and each seller's exploitability."""
+    sellers, buyers = cross["sellers"], cross["buyers"]
+    cell = lambda m, ci: f"{fmt(m)} [{fmt(ci[0])}, {fmt(ci[1])}]" if m is not None and ci else fmt(m)  # noqa: E731
+    out = [("buyer's reward (rows: buyers; columns: sellers)", ["buyer"] + sellers + ["worst"],
+            [[b] + [cell(m, ci) for m, ci in zip(cross["buyer_reward"][i], cross["buyer_reward_ci95"][i])]
+             + [fmt(cross["worst_buyer_reward"][b])] for i, b in enumerate(buyers)]),
+           ("seller's reward (its mirror score; rows: buyers; columns: sellers)", ["buyer"] + sellers,
+            [[b] + [cell(m, ci) for m, ci in zip(cross["seller_reward"][i], cross["seller_reward_ci95"][i])]
+             for i, b in enumerate(buyers)] + [["mean over buyers"] + [fmt(cross["seller_mean_reward"][x])
+                                                                        for x in sellers]])]
+    if cross.get("exploitability"):
+        ex = cross["exploitability"]
+        out.append(("exploitability: the best fixed buyer schedule against each seller (found by search)",
+                    ["seller", "best schedule's reward", "deal rate", "schedule", "candidates searched"],
+                    [[x, fmt(ex[x]["reward"]), fmt(ex[x]["deal_rate"], "pct"), "".join("abcdefgh"[k] for k in
+                                                                                     ex[x]["schedule"]),
+                      str(ex[x]["candidates"])] for x in sellers if x in ex]))
+    return out
+
+
 def summary_text(metrics: dict) -> str:
     """The main numbers for the terminal."""
     head, rows = main_table(metrics)
     keep = [head.index(h) for h in ("buyer", "persona", "reward [95% CI]", "deal rate", "bargained ratio", "overshoot",
                                     "protocol violations", "CI walk-away", "episodes")]
-    return text_table([head[i] for i in keep], [[r[i] for i in keep] for r in rows])
+    if len({r["seller"] for r in metrics["rows"]}) > 1:
+        keep.insert(1, head.index("seller"))
+    text = text_table([head[i] for i in keep], [[r[i] for i in keep] for r in rows])
+    for title, h, r in crossplay_tables(metrics["crossplay"]) if metrics.get("crossplay") else []:
+        text += f"\n\n{title}\n" + text_table(h, r)
+    return text
 
 
 def markdown_report(metrics: dict) -> str:
@@ -198,6 +225,10 @@ def markdown_report(metrics: dict) -> str:
              "## Results", "", markdown_table(*main_table(metrics)), "",
              "## Mutual-interest (MI) and conflicting-interest (CI) scenarios", "", markdown_table(*split_table(metrics)),
              ""]
+    if metrics.get("crossplay"):
+        parts += ["## Cross-play", ""]
+        for title, head, rows in crossplay_tables(metrics["crossplay"]):
+            parts += [f"### {title[0].upper() + title[1:]}", "", markdown_table(head, rows), ""]
     for row in metrics["rows"]:
         parts += [f"### Per category: {row_label(row)}", "", markdown_table(*category_table(row)), ""]
     parts += ["## For reference: the paper's held-out numbers", "",
@@ -362,6 +393,48 @@ def save_training_png(run_dir) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
+
+
+def plot_crossplay(cross: dict) -> str:
+    """A heat map of the buyers' mean rewards against the sellers (the cross-play table), numbers in the cells."""
+    plt = _pyplot()
+    values = [[v if v is not None else float("nan") for v in row] for row in cross["buyer_reward"]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cross["sellers"]), 0.9 + 0.45 * len(cross["buyers"])))
+    im = ax.imshow(values, cmap="RdYlGn", vmin=-0.2, vmax=0.8, aspect="auto")
+    ax.set_xticks(range(len(cross["sellers"])), [short(x) for x in cross["sellers"]], rotation=30, ha="right")
+    ax.set_yticks(range(len(cross["buyers"])), [short(x) for x in cross["buyers"]])
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "–" if v != v else f"{v:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("seller")
+    ax.set_ylabel("buyer")
+    fig.colorbar(im, ax=ax, label="buyer's reward")
+    return svg_of(fig)
+
+
+def short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-width + 1:]
+
+
+def plot_selfplay(rows: list[dict]) -> str:
+    """Both sides' training curves in a self-play run: the buyer's reward and the seller's (its mirror score)
+    per step, over all of the step's episodes, with the side that learned marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    for key, color, label in (("reward", "#1f77b4", "buyer's reward"), ("seller/reward", "#d62728", "seller's reward")):
+        xs = [r["step"] for r in rows if isinstance(r.get(key), (int, float))]
+        ys = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot(xs, ys, color=color, lw=1.0, alpha=0.35)
+        if len(ys) >= 5:
+            smooth = [sum(ys[max(0, i - 2):i + 3]) / len(ys[max(0, i - 2):i + 3]) for i in range(len(ys))]
+            ax.plot(xs, smooth, color=color, lw=2, label=label)
+    seller_steps = [r["step"] for r in rows if r.get("seller/grad_norm") is not None]
+    if seller_steps:
+        ax.scatter(seller_steps, [ax.get_ylim()[0]] * len(seller_steps), marker="|", color="#d62728", s=30,
+                   label="the seller learned")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    return svg_of(fig)
 
 
 def training_figure(rows: list[dict]):
@@ -565,6 +638,14 @@ def html_report(metrics: dict, records: list[dict], training: dict | None = None
              "<h3>Per category</h3>"]
     for r in metrics["rows"]:
         parts.append(f"<details><summary>{html.escape(row_label(r))}</summary>{html_table(*category_table(r))}</details>")
+    if metrics.get("crossplay"):
+        parts.append("<h2 id='crossplay'>Cross-play</h2><p class='lead'>Every buyer against every seller on the same "
+                     "products and seeds. The seller's reward mirrors the buyer's: (price − cost) / room for a deal, "
+                     "0 without one, −1 when the regulation had to overrule it.</p>")
+        parts.append(f"<figure>{plot_crossplay(metrics['crossplay'])}<figcaption>The buyers' mean reward against each "
+                     f"seller.</figcaption></figure>")
+        for title, head, rows_ in crossplay_tables(metrics["crossplay"]):
+            parts.append(f"<h3>{html.escape(title[0].upper() + title[1:])}</h3>" + html_table(head, rows_))
     parts.append("<h2 id='plots'>Plots</h2>")
     if ok:
         parts.append(f"<figure>{plot_reward_distribution(ok)}<figcaption>Episode rewards per buyer (all personas); "
@@ -581,6 +662,10 @@ def html_report(metrics: dict, records: list[dict], training: dict | None = None
                      f"moving average (thick). The paper's four phases: naive bargaining → aggressive opening offers "
                      f"(first-offer ratio falls, reward rises) → deadlock (deal rate and reward dip) → persuasion "
                      f"(deal rate recovers, bargained ratio stays high).</figcaption></figure>")
+        if any("seller/reward" in r for r in training["steps"]):
+            parts.append(f"<figure>{plot_selfplay(training['steps'])}<figcaption>Self-play: both sides' rewards per "
+                         f"step (thin) and over 5 steps (thick); ticks: the steps the seller learned."
+                         f"</figcaption></figure>")
         if training.get("final_eval"):
             parts.append("<h3>The run's own held-out evaluation (final_eval.json)</h3>"
                          + html_table(*final_eval_table(training["final_eval"])))

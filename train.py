@@ -80,8 +80,10 @@ import torch.distributed as dist
 
 import data
 import env
+import league
 import reward
 from config import ConfigError, load_config, save_config
+from engine import active_adapter
 from vllm_engine import full_tensor
 
 
@@ -407,14 +409,31 @@ def checkpoint_dirs(out_dir: str) -> list[Path]:
                   and (p / "trainer.pt").exists())
 
 
-def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: int) -> Path | None:
-    """Collective (every rank gathers the adapter and passes its RNG state; FSDP2 gathers AdamW); rank 0 writes."""
+def lr_factor(update: int, t, total: int | None = None) -> float:
+    """The learning rate of optimiser update `update` (0-based) as a fraction of train.lr: a linear warm-up,
+    then constant or a cosine down to min_lr_ratio at the side's last update (`total` updates; default: one
+    side learning every step)."""
+    if update < t.warmup_updates:
+        return (update + 1) / t.warmup_updates
+    if t.lr_schedule == "constant":
+        return 1.0
+    total = total or t.steps * t.updates_per_batch
+    progress = min(1.0, (update - t.warmup_updates) / max(1, total - 1 - t.warmup_updates))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(cfg, model, sides: dict, step: int) -> Path | None:
+    """Collective (every rank gathers the adapter and passes its RNG state; FSDP2 gathers AdamW); rank 0 writes.
+    adapter/ is the buyer's (a standard peft folder); with self-play, seller_adapter/ the seller's."""
     from safetensors.torch import save_file
     from vllm_engine import adapter_state_dict
 
+    buyer = sides["buyer"]
     rngs = gather_objects(rng_state())
     adapter = adapter_state_dict(model)  # peft's names, full tensors on every rank (all-gathered under FSDP2)
-    optim = optimizer_state(model, optimizer)
+    optim = optimizer_state(model, buyer.optimizer)
+    seller = sides.get("seller")
+    seller_adapter = adapter_state_dict(model, adapter=seller.adapter) if seller else None
     checksums = gather_objects(sum(v.double().sum().item() for v in adapter.values()))
     if len(set(checksums)) > 1:  # the gradient sync keeps replicas identical; if not, no checkpoint can be right
         raise RuntimeError(f"ranks hold different LoRA weights at step {step} (checksums {checksums})")
@@ -429,9 +448,16 @@ def save_checkpoint(cfg, model, optimizer, scheduler, step: int, bad_updates: in
     (tmp / "adapter").mkdir(parents=True)  # standard peft folder: PeftModel.from_pretrained / vLLM LoRA
     save_file(adapter, tmp / "adapter" / "adapter_model.safetensors")
     model.peft_config["default"].save_pretrained(str(tmp / "adapter"))
+    extra = {}
+    if seller:  # self-play: the seller's adapter (a peft folder too) and its optimiser
+        (tmp / "seller_adapter").mkdir()
+        save_file(seller_adapter, tmp / "seller_adapter" / "adapter_model.safetensors")
+        model.peft_config[seller.adapter].save_pretrained(str(tmp / "seller_adapter"))
+        extra = {"seller_optimizer": seller.optimizer.state_dict(), "seller_scheduler": seller.scheduler.state_dict(),
+                 "seller_bad_updates": seller.bad_updates}
     torch.save({"step": step, "data_position": step * cfg.rollout.products_per_step, "world_size": world(),
-                "sharded": is_sharded(model), "bad_updates": bad_updates, "optimizer": optim,
-                "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "trainer.pt")
+                "sharded": is_sharded(model), "bad_updates": buyer.bad_updates, "optimizer": optim,
+                "scheduler": buyer.scheduler.state_dict(), "rng": rngs, **extra}, tmp / "trainer.pt")
     save_config(cfg, tmp / "config.yaml")
     if final.exists():  # the same step saved again (a stop right after a periodic save)
         shutil.rmtree(final)
@@ -456,7 +482,7 @@ def find_resume_checkpoint(cfg) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, sides: dict) -> dict:
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if state["world_size"] != world():
         raise SystemExit(f"{path} was written by {state['world_size']} rank(s), this run has {world()}: resume with "
@@ -465,21 +491,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         was = "fsdp2" if state.get("sharded") else "none"
         raise SystemExit(f"{path} was written with train.sharding={was} (its AdamW state is stored that way): "
                          f"resume with train.sharding={was}")
+    buyer, seller = sides["buyer"], sides.get("seller")
+    if seller and not (path / "seller_adapter").exists():
+        raise SystemExit(f"{path} has no seller_adapter/: it was written by a single-sided run; self-play starts "
+                         f"its seller from the base (resume=never, or a new out_dir)")
     load_adapter(model, path / "adapter")
-    load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    load_optimizer_state(model, buyer.optimizer, state["optimizer"])
+    buyer.scheduler.load_state_dict(state["scheduler"])
+    buyer.bad_updates = state["bad_updates"]
+    if seller:
+        load_adapter(model, path / "seller_adapter", seller.adapter)
+        seller.optimizer.load_state_dict(state["seller_optimizer"])
+        seller.scheduler.load_state_dict(state["seller_scheduler"])
+        seller.bad_updates = state["seller_bad_updates"]
     set_rng_state(state["rng"][rank()])
     return state
 
 
-def load_adapter(model, folder: Path) -> None:
-    """A peft adapter folder into the model's LoRA weights, every one of them, also when FSDP2 shards them (each
-    rank keeps its slice of the full tensor)."""
+def load_adapter(model, folder: Path, adapter: str = "default") -> None:
+    """A peft adapter folder into the LoRA weights of `adapter`, every one of them, also when FSDP2 shards them
+    (each rank keeps its slice of the full tensor)."""
     from peft.utils import load_peft_weights
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     saved = load_peft_weights(str(folder), device="cpu")  # peft's names: the model's, without the adapter name
-    params = {name.replace(".default", ""): p for name, p in model.named_parameters() if p.requires_grad}
+    params = {name.replace(f".{adapter}", ""): p for name, p in model.named_parameters()
+              if f".{adapter}." in name and "lora_" in name}
     if saved.keys() != params.keys():
         extra, missing = sorted(saved.keys() - params.keys())[:3], sorted(params.keys() - saved.keys())[:3]
         raise SystemExit(f"{folder} does not fit this model's LoRA weights (in the folder only: {extra}; "
@@ -584,6 +621,50 @@ def build_buyer(cfg, engine, seed: int, temperature: float | None = None):
                          max_context=r.max_context, seed=seed)
 
 
+def league_players(cfg, engine, pairings: list[dict], seed: int):
+    """Self-play's (buyer, seller) for one step: per role an env.Mixture over the distinct players the groups'
+    pairings name (league.py), each group played by its own."""
+    players = []
+    for role in league.ROLES:
+        keys = sorted({p[role] for p in pairings})
+        members = [league_player(cfg, engine, role, key, seed + 500 * (role == "seller") + 1000 * j)
+                   for j, key in enumerate(keys)]
+        players.append(env.Mixture(members, [keys.index(p[role]) for p in pairings], cfg.rollout.group_size))
+    return tuple(players)
+
+
+def league_player(cfg, engine, role: str, key: str, seed: int, group_size: int | None = None):
+    """One league member: "learner"/"current" (the side's adapter), "base" (adapter off), "scripted", or a
+    snapshot's adapter name. group_size: episodes that share a scripted seller's draw (training: G)."""
+    G, ladder = group_size or cfg.rollout.group_size, cfg.rollout.style == "ladder"
+    if key == "scripted" and role == "seller":
+        import warmstart
+        return (warmstart.seller_family(seed, G) if ladder else
+                env.ScriptedSeller(cfg.seller.strategy, jitter=cfg.seller.jitter, seed=seed, group_size=G))
+    if key == "scripted":
+        return env.scripted_buyer(cfg.rollout.style, seed=seed)
+    player = build_buyer(cfg, engine, seed) if role == "buyer" else build_seller(cfg, engine, None, seed, G)
+    own = True if role == "buyer" else league.ADAPTERS["seller"]   # the buyer's adapter is the active one
+    player.adapter = {"learner": own, "current": own, "base": False}.get(key, key)
+    return player
+
+
+def selfplay_metrics(games, pairings: list[dict], G: int) -> dict:
+    """The seller's reward over all of the step's episodes (rank 0's view of every rank), and the share of groups
+    each kind of opponent played, per role."""
+    scores = [reward.seller_score(g.outcome.budget, g.outcome.cost, g.outcome.price, g.outcome.interventions)
+              for g in games]
+    everything = [x for part in gather_objects(scores) for x in part]
+    pairs = [p for part in gather_objects(pairings) for p in part]
+    kind = lambda key: key.split("@")[0] if "@" in key else key  # noqa: E731  (a snapshot: its role)
+    shares = {}
+    for role in league.ROLES:
+        for p in pairs:
+            name = f"league/{role}_{'snapshot' if '@' in p[role] else kind(p[role])}"
+            shares[name] = shares.get(name, 0.0) + 1 / len(pairs)
+    return {"seller/reward": sum(everything) / max(1, len(everything))} | shares
+
+
 def freshness_probe(tokenizer, scenario, style: str):
     """A fixed prompt + reply the vLLM engine and the trainer both score after every sync (vllm_engine)."""
     from vllm_engine import FreshnessProbe
@@ -654,6 +735,74 @@ def peak_memory_gib(device) -> float:
 # One step's parts: rollouts, scoring, updates
 
 
+@dataclass
+class Side:
+    """One learning side of the game, as data: the loop trains each side that learns this step the same way.
+    A single-sided run has one, the buyer; self-play (league.py) adds the seller, a second adapter on the base."""
+    role: str                  # "buyer" | "seller": whose generated tokens (Game.state[role]) it trains on
+    adapter: str               # its peft adapter: "default" (the buyer's, as in every checkpoint) | "seller"
+    params: list               # its LoRA tensors: the only ones its optimiser steps
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    temperature: float         # its sampling temperature: the trainer's log-probs are taken at it
+    max_tokens: int            # its reply cap (dr_grpo's per-sequence denominator)
+    penalty: float = -1.0      # the seller's reward for an episode the regulation overruled it in
+    bad_updates: int = 0       # consecutive skipped (non-finite) updates
+
+    def rewards(self, games: list) -> torch.Tensor:
+        """The verifiable reward of each game for this side (reward.py): the buyer's score, or the seller's."""
+        if self.role == "buyer":
+            return torch.tensor([g.outcome.reward for g in games])
+        return torch.tensor([reward.seller_score(g.outcome.budget, g.outcome.cost, g.outcome.price,
+                                                 g.outcome.interventions, self.penalty) for g in games])
+
+
+def make_side(cfg, model, role: str, params: list) -> Side:
+    t, sp = cfg.train, cfg.selfplay
+    lr = sp.seller_lr if role == "seller" and sp.seller_lr > 0 else t.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    learns = sum(role in league.learning_roles(sp.mode, k, sp.switch_every) for k in range(t.steps))
+    total = max(1, learns * t.updates_per_batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, t, total))
+    if role == "buyer":
+        return Side("buyer", league.ADAPTERS["buyer"], params, optimizer, scheduler, cfg.rollout.buyer_temperature,
+                    cfg.rollout.buyer_max_tokens)
+    return Side("seller", league.ADAPTERS["seller"], params, optimizer, scheduler, cfg.seller.temperature,
+                cfg.seller.max_tokens, penalty=sp.intervention_penalty)
+
+
+def train_side(model, side: Side, games: list, rows: list[int], cfg, pad_id, device, step: int):
+    """Steps 2-3 for one side: rewards -> group advantages over all of this rank's games (groups of G), then its
+    old log-probs and optimiser updates on `rows` (the games it played as the learner). Returns
+    (advantages, stats, maxes, grad norms, skipped updates)."""
+    t = cfg.train
+    adv = group_advantages(side.rewards(games), cfg.rollout.group_size, t.adv_scale)            # [n_local]
+    convs = [g.state.get(side.role) for g in games]  # token ids + its mask + engine log-probs, as generated
+    rows = [i for i in rows if isinstance(convs[i], env.Conversation)]  # (a seller the buyer never let speak)
+    stats, grad_norms, skipped = {}, [], 0
+    maxes = {"logp_diff_abs_max": 0.0, "ratio_max": 0.0, "inv_ratio_max": 0.0}  # same keys on every rank
+    # The buyer's adapter is the active one everywhere; the seller's is switched in for its update only.
+    active = nullcontext() if side.adapter == model.active_adapter else active_adapter(model, side.adapter)
+    with active:
+        # One update per batch: the old log-probs are the update's own forward's, detached, the same numbers a
+        # separate scoring pass gives (same weights, same mode, same micro-batches), at one forward less; the
+        # KL's reference forward (no gradient) then runs inside the update too.
+        one_pass = t.updates_per_batch == 1
+        old, ref = (None, None) if one_pass else score_rollouts(model, side, convs, cfg, pad_id, device, stats, maxes)
+        for k in range(t.updates_per_batch):  # consecutive parts of `rows`; all use the same old log-probs
+            part = rows[k * len(rows) // t.updates_per_batch:(k + 1) * len(rows) // t.updates_per_batch]
+            grad_norm, skip = update(model, side, convs, part, adv, old, ref, cfg, pad_id, device, stats, maxes)
+            grad_norms.append(grad_norm)
+            skipped += skip
+            side.bad_updates = side.bad_updates + 1 if skip else 0
+            if side.bad_updates >= t.max_bad_updates:
+                raise SystemExit(f"train.py: stopping at step {step + 1}: {side.bad_updates} {side.role} updates in a "
+                                 f"row had a NaN/inf loss or gradient (grad norm {grad_norm}); the weights are still "
+                                 f"those of the last good update and nothing was saved from this state. Lower "
+                                 f"train.lr or train.grad_clip, or read the episodes in transcripts.jsonl.")
+    return adv, stats, maxes, grad_norms, skipped
+
+
 class Abandon(Exception):
     """A stop signal arrived during rollouts: drop the step (weights are untouched)."""
 
@@ -704,18 +853,24 @@ def add_score_stats(stats: dict, maxes: dict, mb, logp, entropy) -> None:
 
 
 @torch.no_grad()
-def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
-    """The current policy's log-probs of every buyer token before any update ("old"), and the reference's when
-    a KL is used; adds entropy and engine-vs-trainer statistics over the buyer tokens to stats / maxes."""
-    t, temperature = cfg.train, cfg.rollout.buyer_temperature
+def reference_logprobs(model, mb, temperature: float) -> torch.Tensor:
+    """The KL's reference: the frozen base model (the same weights with the adapter off) at the buyer's tokens."""
+    with model.disable_adapter():
+        return token_logprobs(model, mb.ids, mb.attn, temperature, only=mb.mask)[0]               # [B, T-1]
+
+
+@torch.no_grad()
+def score_rollouts(model, side, convs, cfg, pad_id, device, stats: dict, maxes: dict):
+    """The side's current log-probs of every token it generated before any update ("old"), and the reference's
+    when a KL is used; adds entropy and engine-vs-trainer statistics over those tokens to stats / maxes."""
+    t, temperature = cfg.train, side.temperature
     old, ref = [None] * len(convs), [None] * len(convs)
     model.train()  # the mode of the update's forward, so that the first update's ratio is exactly 1
     batches = micro_batches(convs, list(range(len(convs))), t.micro_batch_tokens, pad_id, device)
     for mb in padded_for_all_ranks(batches, model, pad_id, device):  # (an empty one adds nothing below)
         logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, True, only=mb.mask)  # [B, T-1]
         if t.kl_coef > 0:
-            with model.disable_adapter():  # the reference: the frozen base model
-                ref_logp, _ = token_logprobs(model, mb.ids, mb.attn, temperature, only=mb.mask)    # [B, T-1]
+            ref_logp = reference_logprobs(model, mb, temperature)                                # [B, T-1]
         add_score_stats(stats, maxes, mb, logp, entropy)
         for j, i in enumerate(mb.rows):
             n = len(convs[i].ids) - 1
@@ -725,12 +880,12 @@ def score_rollouts(model, convs, cfg, pad_id, device, stats: dict, maxes: dict):
     return old, (ref if t.kl_coef > 0 else None)
 
 
-def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg, pad_id, device, stats, maxes):
-    """One optimiser update on the episodes `rows` (this rank's part of the batch); adds loss, clip, ratio, KL
-    and importance-weight statistics to stats / maxes. Returns (grad norm, skipped). Every rank calls it the same
-    number of times (it holds the gradient all-reduce)."""
-    t, temperature = cfg.train, cfg.rollout.buyer_temperature
-    max_tokens = t.dr_grpo_max_tokens or cfg.rollout.buyer_max_tokens * cfg.rollout.max_rounds
+def update(model, side, convs, rows, adv, old, ref, cfg, pad_id, device, stats, maxes):
+    """One optimiser update of `side` on the episodes `rows` (this rank's part of the batch); adds loss, clip,
+    ratio, KL and importance-weight statistics to stats / maxes. Returns (grad norm, skipped). Every rank calls it
+    the same number of times (it holds the gradient all-reduce)."""
+    t, temperature, params, optimizer, scheduler = cfg.train, side.temperature, side.params, side.optimizer, side.scheduler
+    max_tokens = t.dr_grpo_max_tokens or side.max_tokens * cfg.rollout.max_rounds
     batches = micro_batches(convs, rows, t.micro_batch_tokens, pad_id, device)
     # Each micro-batch's loss is weighted by its share of the global batch (tokens for "token", sequences for
     # "seq"/"dr_grpo"), so the gradient summed over micro-batches and ranks is the gradient of the whole batch.
@@ -742,22 +897,26 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
     for p in params:  # a gradient buffer for every LoRA tensor, so that the flat all_reduce below always lines up
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
     for mb in padded_for_all_ranks(batches, model, pad_id, device):
-        if not mb.rows:  # FSDP2 padding: a forward and backward that change nothing keep the ranks in step
+        if not mb.rows:  # FSDP2 padding: the same forwards and backward, changing nothing, keep the ranks in step
             (token_logprobs(model, mb.ids, mb.attn, temperature)[0].sum() * 0).backward()
+            if old is None and t.kl_coef > 0:
+                reference_logprobs(model, mb, temperature)
             continue
         width = mb.mask.shape[1]
         logp, entropy = token_logprobs(model, mb.ids, mb.attn, temperature, old is None, only=mb.mask)  # [B, T-1]
         if old is None:  # one on-policy update: the "old" policy is this very forward's (ratio exactly 1)
             old_logp = logp.detach()                                                             # [B, T-1]
             add_score_stats(stats, maxes, mb, logp, entropy)
+            ref_logp = reference_logprobs(model, mb, temperature) if t.kl_coef > 0 else None    # [B, T-1]
         else:
             old_logp = rows_of(old, mb.rows, width, device)                                      # [B, T-1]
+            ref_logp = rows_of(ref, mb.rows, width, device) if ref is not None else None         # [B, T-1]
         a = adv[mb.rows].to(device)[:, None].expand(-1, width)                                   # [B, T-1]
         if t.tis_cap > 0:  # w > 0, so min(r*wA, clip(r)*wA) = w * min(r*A, clip(r)*A): the token's loss times w
             a = a * tis_weights(old_logp, mb.engine_logp, t.tis_cap)                             # [B, T-1]
         loss = policy_loss(logp, old_logp, a, mb.mask, t.eps_low, t.eps_high, t.loss_agg, max_tokens)
-        if ref is not None:
-            kl = kl_k3(logp, rows_of(ref, mb.rows, width, device))                               # [B, T-1]
+        if ref_logp is not None:
+            kl = kl_k3(logp, ref_logp)                                                           # [B, T-1]
             loss = loss + t.kl_coef * aggregate(kl, mb.mask, t.loss_agg, max_tokens)
         weighted = loss * (count(mb) / total)
         weighted.backward()
@@ -768,7 +927,7 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
             clipped = ((ratio < 1 - t.eps_low) & (a_m < 0)) | ((ratio > 1 + t.eps_high) & (a_m > 0))
             add(stats, trained_tokens=m.sum(), clipped=clipped.sum(), ratio=ratio.sum(),
                 kl_old=kl_k3(logp, old_logp)[m].sum())
-            if ref is not None:
+            if ref_logp is not None:
                 add(stats, kl_ref=kl[m].sum())
             if t.tis_cap > 0:
                 w = tis_weights(old_logp, mb.engine_logp, t.tis_cap)[m]
@@ -796,24 +955,28 @@ def update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg,
     return grad_norm, skipped
 
 
-def step_metrics(step, episodes, stats, maxes, grad_norms, skipped, times, scheduler, device, cfg) -> dict:
-    """The metrics.jsonl line of one step: every reward.summarize metric, then the trainer's statistics."""
+def step_metrics(step, episodes, counts, times, device) -> dict:
+    """The metrics.jsonl line of one step, less each side's training statistics: every reward.summarize metric
+    (the buyer's view of all of the step's episodes), token counts, times, memory."""
+    return {"step": step, **reward.summarize(episodes), "probe_gap": times.pop("probe_gap", None),
+            "tokens_generated": int(counts["generated_tokens"]), "sequence_tokens": int(counts["sequence_tokens"]),
+            "tokens_per_s": counts["generated_tokens"] / max(times["rollout"], 1e-9),
+            **{f"time_{k}": v for k, v in times.items()}, "peak_mem_gib": peak_memory_gib(device)}
+
+
+def side_metrics(stats, maxes, grad_norms, skipped, scheduler) -> dict:
+    """One side's training statistics of a step: loss, gradient, clipping, entropy, ratios, KL, engine gaps."""
     per = lambda key, n: stats[key] / max(n, 1.0) if key in stats else None  # noqa: E731
-    buyer, trained = stats.get("buyer_tokens", 0.0), stats.get("trained_tokens", 0.0)
-    return {"step": step, **reward.summarize(episodes),
-            "loss": stats["loss"] / len(grad_norms), "grad_norm": sum(grad_norms) / len(grad_norms),
-            "skipped_updates": skipped, "clip_fraction": per("clipped", trained), "entropy": per("entropy", buyer),
+    generated, trained = stats.get("buyer_tokens", 0.0), stats.get("trained_tokens", 0.0)  # the side's tokens
+    return {"loss": stats["loss"] / len(grad_norms), "grad_norm": sum(grad_norms) / len(grad_norms),
+            "skipped_updates": skipped, "clip_fraction": per("clipped", trained), "entropy": per("entropy", generated),
             "kl_ref": per("kl_ref", trained), "kl_old": per("kl_old", trained),
             "ratio_mean": per("ratio", trained), "ratio_max": maxes.get("ratio_max"),
             "ratio_min": 1 / maxes["inv_ratio_max"] if maxes.get("inv_ratio_max") else None,
             "tis_weight_mean": per("tis_weight", trained), "tis_capped_fraction": per("tis_capped", trained),
-            "logp_diff_abs_mean": per("logp_diff_abs", buyer), "logp_diff_mean": per("logp_diff", buyer),
-            "logp_diff_abs_max": maxes.get("logp_diff_abs_max"), "probe_gap": times.pop("probe_gap", None),
-            "tokens_generated": int(stats["generated_tokens"]), "tokens_trained": int(trained),
-            "sequence_tokens": int(stats["sequence_tokens"]),
-            "tokens_per_s": stats["generated_tokens"] / max(times["rollout"], 1e-9),
-            **{f"time_{k}": v for k, v in times.items()},
-            "lr": scheduler.get_last_lr()[0], "peak_mem_gib": peak_memory_gib(device)}
+            "logp_diff_abs_mean": per("logp_diff_abs", generated), "logp_diff_mean": per("logp_diff", generated),
+            "logp_diff_abs_max": maxes.get("logp_diff_abs_max"), "tokens_trained": int(trained),
+            "lr": scheduler.get_last_lr()[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -853,14 +1016,17 @@ def evaluate_policy(cfg, model, engine, test, name: str, adapter: bool, seller_e
         ({"ceiling": sum(ceilings) / len(ceilings)} if ceilings else {})
 
 
-def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: dict | None) -> dict:
-    """{"before", "after", "scripted", "generalisation"} summaries; "before" was measured at step 0 (kept in
-    eval_before.json)."""
+def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: dict | None,
+                     snapshots: league.Snapshots | None = None) -> dict:
+    """{"before", "after", "scripted", "generalisation", "crossplay"} summaries; "before" was measured at step 0
+    (kept in eval_before.json); "crossplay" in self-play runs."""
     result = {"before": before, "after": evaluate_policy(cfg, model, engine, test, "after", True, seller_endpoint)}
     if cfg.eval.scripted:
         result["scripted"] = evaluate_policy(cfg, model, engine, test, "scripted", False, seller_endpoint)
     if cfg.eval.generalisation_episodes > 0:
         result["generalisation"] = generalisation(cfg, model, engine, train, test, seller_endpoint, result)
+    if snapshots is not None:
+        result["crossplay"] = selfplay_crossplay(cfg, model, engine, train, test, snapshots, result)
     if rank() == 0:
         (Path(cfg.out_dir) / "final_eval.json").write_text(json.dumps(result, indent=2) + "\n")
         keys = ("episodes", "reward", "deal_rate", "bargained_ratio", "overshoot_rate", "protocol_violation_rate",
@@ -871,7 +1037,64 @@ def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: d
                 print0(f"{name:<10}" + "".join(f"{_fmt(row.get(k)):>18}" for k in keys))
         if "generalisation" in result:
             print_generalisation(result["generalisation"])
+        if "crossplay" in result:
+            import report
+            for title, head, rows in report.crossplay_tables(result["crossplay"]):
+                print0(f"\n{title}\n" + report.text_table(head, rows))
     return result
+
+
+def selfplay_crossplay(cfg, model, engine, train, test, snapshots: league.Snapshots, result: dict) -> dict:
+    """The cross-play table of a self-play run (eval.crossplay_table's layout): the starting buyer (the base) and
+    the trained buyer against the frozen base seller, the scripted seller family, the trained seller and its
+    snapshots, on the held-out products (eval.episodes_per_product each, the same seeds in every cell); per seller
+    also the best fixed schedule's reward against it (ladder style): how exploitable it is."""
+    import eval as evaluation
+
+    ev, ladder = cfg.eval, cfg.rollout.style == "ladder"
+    sellers = {"base": False, "scripted:family": "scripted", "trained seller": league.ADAPTERS["seller"]}
+    sellers |= {f"seller snapshot {s.step}": s.adapter for s in snapshots.taken["seller"]}
+    buyers = {"start": False, "trained": True}
+    cells = {}
+    for sname, adapter in sellers.items():
+        seller = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base", ev.seed, 1)
+        if adapter != "scripted":
+            seller.adapter = adapter
+        for bname, on in buyers.items():
+            if bname == "trained" and sname == "base":
+                cells[(bname, sname)] = result["after"]   # already measured: the same seeds and products
+                continue
+            if bname == "start" and sname == "base" and result.get("before"):
+                cells[(bname, sname)] = result["before"]
+                continue
+            label = f"cross_{bname}_{sname}".replace(" ", "_").replace(":", "_")
+            cells[(bname, sname)] = evaluate_policy(cfg, model, engine, test, label, on, None, seller=seller,
+                                                    seller_name=sname)
+    table = {"buyers": list(buyers), "sellers": list(sellers)}
+    for key in ("reward", "reward_ci95", "seller_reward", "seller_reward_ci95", "deal_rate", "episodes"):
+        table["buyer_" + key if key.startswith("reward") else key] = [[cells[(b, x)].get(key) for x in sellers]
+                                                                     for b in buyers]
+    table["worst_buyer_reward"] = {b: min(row) for b, row in zip(buyers, table["buyer_reward"])}
+    table["seller_mean_reward"] = {x: sum(row[j] for row in table["seller_reward"]) / len(buyers)
+                                   for j, x in enumerate(sellers)}
+    table["below_cost_deals"] = sum(c.get("below_cost_deals", 0) for c in cells.values())
+    if ladder:
+        search = train[:ev.best_response_products]
+        held_out = evaluation.pick_products(test, ev.products or None)
+        shortlist = evaluation.schedule_shortlist(search, held_out, cfg.rollout.max_rounds)
+        table["exploitability"] = {}
+        with generation_weights(cfg, model):
+            for sname, adapter in sellers.items():
+                seller = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base", ev.seed,
+                                       1)
+                if adapter != "scripted":
+                    seller.adapter = adapter
+                found = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds,
+                                                       candidates=None if adapter == "scripted" else shortlist)
+                table["exploitability"][sname] = {"schedule": found["schedule"], "reward": found["test"]["reward"],
+                                                  "deal_rate": found["test"]["deal_rate"],
+                                                  "candidates": found["candidates"]}
+    return table
 
 
 def generalisation(cfg, model, engine, train, test, seller_endpoint, result: dict) -> dict:
@@ -1005,19 +1228,24 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()  # returned: vLLM sizes its share from the device's free memory
     elif t.sharding == "fsdp2":
         print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
-    params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: this rank's shards (DTensors)
+    sides = {"buyer": make_side(cfg, model, "buyer", [p for p in model.parameters() if p.requires_grad])}
+    # (under FSDP2 the buyer's params are this rank's shards, DTensors)
+    snapshots = None
+    if cfg.selfplay.mode != "off":  # the seller learns back: its own adapter on the same base (league.py)
+        league.add_seller_adapter(model, cfg.seed)
+        sides["seller"] = make_side(cfg, model, "seller", league.adapter_params(model, league.ADAPTERS["seller"]))
+        snapshots = league.Snapshots(model, cfg.out_dir, cfg.selfplay.max_snapshots)
     # The engine first: vLLM reseeds the process's global RNGs when it starts (random, numpy, torch, with the
     # engine's seed), so it must start before the per-rank seeding below and before a resume restores them.
     engine = build_engine(cfg, model, tokenizer)
     seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: min(1.0, (u + 1) / t.warmup_updates) if t.warmup_updates else 1.0)
-    start_step, bad_updates = 0, 0
+    start_step = 0
     resume_from = find_resume_checkpoint(cfg)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        start_step, bad_updates = state["step"], state["bad_updates"]
+        state = load_checkpoint(resume_from, model, sides)
+        start_step = state["step"]
+        if snapshots is not None:
+            snapshots.restore(start_step)
         print0(f"resumed from {resume_from} (step {start_step}, data position {state['data_position']})")
     engine.sync(model)  # the engine generates with the (possibly resumed) policy from the first rollout on
     probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if cfg.engine.kind == "vllm" else None
@@ -1054,7 +1282,14 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         products = step_products(train, step, cfg.rollout.products_per_step, cfg.seed)[rank() * per_rank:][:per_rank]
         seed = rollout_seed(cfg.seed, step, rank())
-        buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500, G)
+        learning = [sides[r] for r in league.learning_roles(cfg.selfplay.mode, step, cfg.selfplay.switch_every)]
+        if snapshots is None:  # the paper: the buyer learns against the configured seller
+            pairings = [{"buyer": "learner", "seller": cfg.seller.kind}] * per_rank
+            buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500, G)
+        else:  # self-play: each group's opponent drawn from the league
+            pairings = league.draw_pairings([x.role for x in learning], per_rank, league.league_weights(cfg.selfplay),
+                                            snapshots.names(), seed)
+            buyer, seller = league_players(cfg, engine, pairings, seed)
         try:
             with generation_weights(cfg, model):  # HF engine on a sharded trainer: the whole model on every rank
                 games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
@@ -1063,38 +1298,17 @@ def main(argv: list[str] | None = None) -> dict:
         except Abandon:
             abandoned = True
         if any_rank(abandoned, device):  # the weights are still those after `step` steps: save that state
-            save_checkpoint(cfg, model, optimizer, scheduler, step, bad_updates)
+            save_checkpoint(cfg, model, sides, step)
             break
         t_rollout = time.perf_counter() - t0
 
-        # 2. rewards -> advantages, per group of G episodes of one product
-        rewards = torch.tensor([g.outcome.reward for g in games])                          # [n_local]
-        adv = group_advantages(rewards, G, t.adv_scale)                                    # [n_local]
-        convs = [g.state["buyer"] for g in games]  # token ids + buyer mask + engine log-probs, as generated
-
-        # 3. the current ("old") policy's log-probs of the buyer tokens, then the optimiser updates
+        # 2.-3. for each side that learns now: rewards -> advantages per group of G episodes of one product, the
+        # current ("old") log-probs of the tokens it generated, then its optimiser updates (train_side)
         t1 = time.perf_counter()
         if sleeps:
             engine.sleep()  # vLLM frees the GPU while the trainer works
-        stats, grad_norms, skipped = {}, [], 0
-        maxes = {"logp_diff_abs_max": 0.0, "ratio_max": 0.0, "inv_ratio_max": 0.0}  # same keys on every rank
-        # One update per batch without a KL: the old log-probs are the update's own forward's, detached, the same
-        # numbers a separate scoring pass gives (same weights, same mode, same micro-batches), at one forward less.
-        one_pass = t.updates_per_batch == 1 and t.kl_coef == 0
-        old, ref = (None, None) if one_pass else score_rollouts(model, convs, cfg, pad_id, device, stats, maxes)
-        n = len(convs)
-        for k in range(t.updates_per_batch):  # consecutive parts; all use the same old log-probs
-            rows = list(range(k * n // t.updates_per_batch, (k + 1) * n // t.updates_per_batch))
-            grad_norm, skip = update(model, params, optimizer, scheduler, convs, rows, adv, old, ref, cfg, pad_id,
-                                     device, stats, maxes)
-            grad_norms.append(grad_norm)
-            skipped += skip
-            bad_updates = bad_updates + 1 if skip else 0
-            if bad_updates >= t.max_bad_updates:
-                raise SystemExit(f"train.py: stopping at step {step + 1}: {bad_updates} updates in a row had a NaN/inf "
-                                 f"loss or gradient (grad norm {grad_norm}); the weights are still those of the last "
-                                 f"good update and nothing was saved from this state. Lower train.lr or "
-                                 f"train.grad_clip, or read the episodes in transcripts.jsonl.")
+        trained = {x.role: train_side(model, x, games, league.trained_rows(pairings, x.role, G), cfg, pad_id, device,
+                                      step) for x in learning}
         times = {"rollout": t_rollout, "train": time.perf_counter() - t1}
 
         # 4. the engine gets the new weights (HF: it shares them; vLLM: wake up, load, check with a probe)
@@ -1109,24 +1323,38 @@ def main(argv: list[str] | None = None) -> dict:
         times["sync"] = time.perf_counter() - t2
         times["step"] = time.perf_counter() - t0
 
-        # 5. metrics over all ranks, logs, checkpoint
-        add(stats, sequence_tokens=sum(len(c.ids) for c in convs),
-            generated_tokens=sum(sum(g.state[r].mask) for g in games for r in ("buyer", "seller")
-                                 if isinstance(g.state.get(r), env.Conversation)))
-        stats, maxes = reduce_stats(stats, maxes, device)
+        # 5. metrics over all ranks, logs, snapshots, checkpoint
+        counts, _ = reduce_stats({"sequence_tokens": sum(len(g.state["buyer"].ids) for g in games
+                                                         if isinstance(g.state.get("buyer"), env.Conversation)),
+                                  "generated_tokens": sum(sum(g.state[r].mask) for g in games for r in league.ROLES
+                                                          if isinstance(g.state.get(r), env.Conversation))}, {}, device)
         episodes = [e for part in gather_objects([episode_stats(g.outcome) for g in games]) for e in part]
-        metrics = step_metrics(step + 1, episodes, stats, maxes, grad_norms, skipped, times, scheduler, device, cfg)
+        metrics = step_metrics(step + 1, episodes, counts, times, device)
+        for role, (adv, stats, maxes, grad_norms, skipped) in trained.items():
+            stats, maxes = reduce_stats(stats, maxes, device)
+            prefix = "" if role == "buyer" else "seller/"
+            metrics |= {prefix + k: v for k, v in side_metrics(stats, maxes, grad_norms, skipped,
+                                                               sides[role].scheduler).items()}
+        if snapshots is not None:
+            metrics |= selfplay_metrics(games, pairings, G)
         metrics |= {"probe_trainer_moved": getattr(probe, "trainer_moved", None),  # how far each side's scores
                     "probe_engine_moved": getattr(probe, "engine_moved", None)}   # of the probe moved this step
-        transcripts = [{"step": step + 1, "group": k, "advantage": adv[k * G].item()} | games[k * G].outcome.to_dict()
+        first = next(iter(trained.values()))[0]
+        transcripts = [{"step": step + 1, "group": k, "advantage": first[k * G].item()} |
+                       ({"pairing": pairings[k]} if snapshots is not None else {}) | games[k * G].outcome.to_dict()
                        for k in range(min(cfg.log.transcripts_per_step, per_rank))]
         logs.log(metrics, transcripts)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", deal=f"{metrics['deal_rate']:.2f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if snapshots is not None and (step + 1) % cfg.selfplay.snapshot_every == 0:
+            for role in sides:   # a side's snapshot only if it learned since its last one
+                if any(role in league.learning_roles(cfg.selfplay.mode, k, cfg.selfplay.switch_every)
+                       for k in range(step + 1 - cfg.selfplay.snapshot_every, step + 1)):
+                    snapshots.take(role, step + 1, write=rank() == 0)
         stopping = any_rank(STOP["signal"] is not None, device)
         if stopping or step + 1 == t.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(cfg, model, optimizer, scheduler, step + 1, bad_updates)
+            save_checkpoint(cfg, model, sides, step + 1)
         if stopping:
             break
     bar.close()
@@ -1136,7 +1364,7 @@ def main(argv: list[str] | None = None) -> dict:
         leave_process_group(cfg, world_size)
         sys.exit(128 + STOP["signal"])
     if cfg.eval.episodes_per_product > 0:
-        metrics["final_eval"] = final_evaluation(cfg, model, engine, train, test, endpoint, before)
+        metrics["final_eval"] = final_evaluation(cfg, model, engine, train, test, endpoint, before, snapshots)
     leave_process_group(cfg, world_size)
     return metrics
 

@@ -361,13 +361,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def adapter_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA weights in peft's checkpoint names (what `save_pretrained` writes), gathered if sharded, on the
-    CPU, cast to `dtype` if given."""
+def adapter_state_dict(model, dtype: torch.dtype | None = None, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA weights of `adapter` in peft's checkpoint names (what `save_pretrained` writes), gathered if
+    sharded, on the CPU, cast to `dtype` if given."""
     from peft import get_peft_model_state_dict
 
     return {k: full_tensor(v).detach().to("cpu", dtype or v.dtype).contiguous()
-            for k, v in get_peft_model_state_dict(model).items()}
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
 def save_adapter(model, path: str, dtype: torch.dtype | None = None) -> None:

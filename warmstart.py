@@ -55,14 +55,14 @@ REPLY_MAX_TOKENS = 32   # a ladder reply is ~20 tokens; more is never needed
 SELLER_TEMPERATURES = (1.0, 0.7)   # the LLM seller is measured at the CPU default's temperature and the paper's
 
 
-def seller_family(seed: int = 0) -> env.ScriptedSeller:
+def seller_family(seed: int = 0, group_size: int = 1) -> env.ScriptedSeller:
     """Linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
     jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
     it accepts any offer at or above its current ask. Patience pays against it, and more so than the average
     teacher shows. It speaks in the seller's ladder (env.SELLER_LADDER: each ask moved to the nearest of eleven
     rungs from cost to list price, as a letter), so the model that imitates it never copies a price; the teachers
     score the same against it as against the unrounded family (0.328 on the held-out products, 512 episodes)."""
-    return env.ScriptedSeller(SELLER_STRATEGY, jitter=SELLER_JITTER, seed=seed, style="ladder")
+    return env.ScriptedSeller(SELLER_STRATEGY, jitter=SELLER_JITTER, seed=seed, group_size=group_size, style="ladder")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def scripted_run(products, **kw):
 
 
 def without_extras(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in ("reward_ci95", "products")}
+    return {k: v for k, v in m.items() if k not in ("reward_ci95", "products", "seller_reward", "seller_reward_ci95")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     assert set(on_disk) == {"run", "rows"}
     (row,) = on_disk["rows"]
     assert set(row) == {"buyer", "seller", "persona", "episodes", "errors", "all", "MI", "CI", "by_category"}
-    assert set(row["all"]) == set(reward.summarize([])) | {"reward_ci95", "products"}
+    assert set(row["all"]) == set(reward.summarize([])) | {"reward_ci95", "products", "seller_reward",
+                                                           "seller_reward_ci95"}
     assert on_disk["run"]["protocol"]["max_rounds"] == 6 and on_disk["run"]["n_products"] == 12
     assert "| scripted | scripted:linear | none |" in (out / "report.md").read_text()
     with pytest.raises(SystemExit, match="pass --resume"):

@@ -1,6 +1,7 @@
 """train.py on CPU with a tiny real model (no mocks of the model or the game): config errors, the token layout
 the loss sees, gradients only on the buyer's tokens, the real command line for two steps (golden numbers),
 resume equivalence, a clean stop on SIGTERM, and two processes under torchrun."""
+import dataclasses
 import json
 import os
 import shutil
@@ -80,6 +81,11 @@ def policy(talking_model_dir):
     with one_thread():
         peft_model, tokenizer = model_lib.load_policy(cfg.model, "cpu", verbose=False)
     return cfg, peft_model, tokenizer
+
+
+def buyer_side(cfg, params, optimizer, scheduler) -> "train.Side":
+    return train.Side("buyer", "default", params, optimizer, scheduler, cfg.rollout.buyer_temperature,
+                      cfg.rollout.buyer_max_tokens)
 
 
 class Recorder:
@@ -225,7 +231,7 @@ def test_cli_rejects_a_bad_key_before_loading_any_model():
     start = time.time()
     r = run_cli(TINY, "model.name=/nonexistent", "train.lr_rate=1", timeout=60)
     assert r.returncode != 0
-    assert "unknown config key 'train.lr_rate'" in r.stderr and "did you mean 'train.lr'" in r.stderr
+    assert "unknown config key 'train.lr_rate'" in r.stderr and "'train.lr'?" in r.stderr.split("did you mean")[1]
     assert "Traceback" not in r.stderr and time.time() - start < 60
 
 
@@ -343,21 +349,29 @@ def test_micro_batch_packing_does_not_change_the_gradient(policy, multi_turn):
         cfg.train.micro_batch_tokens = budget
         opt = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradient, keep the weights
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+        side = buyer_side(cfg, params, opt, sched)
         with one_thread():
-            old, _ = train.score_rollouts(model, convs, cfg, tokenizer.pad_token_id, "cpu", {}, {})
+            old, _ = train.score_rollouts(model, side, convs, cfg, tokenizer.pad_token_id, "cpu", {}, {})
             old = [o - 0.1 * (i + 1) for i, o in enumerate(old)]  # ratios != 1, so clipping is exercised
-            train.update(model, params, opt, sched, convs, [0, 1], adv, old, None, cfg, tokenizer.pad_token_id,
-                         "cpu", {}, {})
+            train.update(model, side, convs, [0, 1], adv, old, None, cfg, tokenizer.pad_token_id, "cpu", {}, {})
         grads[budget] = torch.cat([p.grad.reshape(-1).clone() for p in params])
         model.zero_grad()
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[10_000], rtol=1e-5, atol=1e-8)
 
 
-def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn):
-    """One on-policy update without a KL takes its old log-probs from its own forward (old=None): the same loss,
-    gradient and statistics as a separate scoring pass followed by the update, one forward fewer."""
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn, kl_coef):
+    """One on-policy update takes its old log-probs from its own forward (old=None), and with a KL its reference
+    log-probs from a forward with the adapter off inside the update: the same loss, gradient and statistics as a
+    separate scoring pass followed by the update, one forward fewer."""
     cfg, model, tokenizer = policy
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kl_coef=kl_coef))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    with torch.no_grad():  # LoRA B is zero at init: move the policy off the reference, so that the KL is not 0
+        for p in lora_b:
+            p.add_(0.01 * torch.randn_like(p))
     games, _, _ = multi_turn
     convs = [g.state["buyer"] for g in games]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -367,17 +381,22 @@ def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn):
         opt = torch.optim.SGD(params, lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
         stats, maxes = {}, {}
+        side = buyer_side(cfg, params, opt, sched)
         with one_thread():
-            old = None if one_pass else train.score_rollouts(model, convs, cfg, tokenizer.pad_token_id, "cpu",
-                                                              stats, maxes)[0]
-            norm, _ = train.update(model, params, opt, sched, convs, [0, 1], adv, old, None, cfg,
-                                   tokenizer.pad_token_id, "cpu", stats, maxes)
+            old, ref = (None, None) if one_pass else train.score_rollouts(model, side, convs, cfg,
+                                                                           tokenizer.pad_token_id, "cpu", stats, maxes)
+            norm, _ = train.update(model, side, convs, [0, 1], adv, old, ref, cfg, tokenizer.pad_token_id, "cpu",
+                                   stats, maxes)
         runs[one_pass] = (norm, {k: float(v) for k, v in stats.items()}, maxes,
                           torch.cat([p.grad.reshape(-1).clone() for p in params]))
         model.zero_grad()
+    with torch.no_grad():  # the module's fixture model, as it was
+        for p, v in zip(lora_b, saved):
+            p.copy_(v)
     (n0, s0, m0, g0), (n1, s1, m1, g1) = runs[False], runs[True]
     assert g0.abs().sum() > 0 and torch.equal(g0, g1) and n0 == n1
     assert s0 == s1 and m0 == m1 and s1["ratio"] == s1["trained_tokens"]   # every ratio exactly 1
+    assert (s1.get("kl_ref", 0.0) > 0) == (kl_coef > 0)   # the reference really differs from the policy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,3 +656,14 @@ def test_fsdp2_with_a_tensor_parallel_vllm_engine(talking_model_dir, tmp_path):
         assert m["probe_gap"] < 1e-3 and m["logp_diff_abs_max"] < 1e-3 and m["grad_norm"] > 0
     assert metrics[1]["probe_engine_moved"] == pytest.approx(metrics[1]["probe_trainer_moved"], abs=1e-3)
     assert metrics[1]["probe_trainer_moved"] > 1e-3
+
+
+def test_lr_factor_warms_up_then_follows_a_cosine_to_its_floor():
+    t = config.TrainConfig(steps=5, warmup_updates=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    got = [train.lr_factor(u, t) for u in range(5)]
+    # warm-up 1/2, 2/2; then the cosine over updates 2..4 (progress 0, 1/2, 1): 1, 0.1 + 0.9 * 0.5, 0.1
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1])
+    assert [train.lr_factor(u, dataclasses.replace(t, lr_schedule="constant")) for u in range(5)] == \
+        pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(config.ConfigError, match="train.lr_schedule"):
+        config.load_config(TINY, ["train.lr_schedule=linear"]).validate()
