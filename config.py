@@ -308,14 +308,13 @@ class Config:
         need(sp.max_snapshots >= 1, "selfplay.max_snapshots", "must be >= 1")
         need(self.seller.kind == "llm", "seller.kind",
              "self-play trains the seller as a second adapter of the same model: use seller.kind=llm")
-        need(self.engine.kind == "hf", "engine.kind",
-             "self-play runs on the HF engine for now (vLLM would serve two adapters and the snapshots as LoRA "
-             "slots: not built yet): use engine.kind=hf")
-        need(self.train.sharding == "none", "train.sharding",
-             "self-play keeps its snapshots as extra peft adapters, which FSDP2 would have to shard after the "
-             "fact: use train.sharding=none")
-        need(self.model.quantization == "none", "model.quantization",
-             "self-play's second adapter and snapshots are plain peft adapters: use model.quantization=none")
+        need(self.engine.kind == "hf" or self.engine.sync_strategy == "adapter", "engine.sync_strategy",
+             "self-play serves two adapters and their snapshots from one vLLM engine; a merged engine holds one "
+             "set of weights: use engine.sync_strategy=adapter (or engine.kind=hf)")
+        need(self.engine.kind == "vllm" or self.train.sharding == "none", "train.sharding",
+             "with the HF engine self-play's snapshots are extra peft adapters of the trainer's model, which FSDP2 "
+             "would have to shard after the fact: use engine.kind=vllm (snapshots as LoRA slots) or "
+             "train.sharding=none")
 
 
 SELFPLAY_MODES = ("off", "alternate", "simultaneous")

@@ -126,8 +126,8 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.stores: dict[bool | str, PrefixStore] = {}  # adapter on/off/name -> the KV of the last call's rows
 
-    def sync(self, model) -> None:
-        """Nothing to do: the engine generates with the trainer's own model object."""
+    def sync(self, model, adapter: str = "default") -> None:
+        """Nothing to do: the engine generates with the trainer's own model object (every adapter of it)."""
 
     def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool | str,
                  seed: int | None = None) -> list[Generation]:

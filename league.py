@@ -11,8 +11,8 @@ each group of G episodes (one product) draws its opponent from a pool, with the 
 
 A group's pairing names, per role, "learner" (the side being trained this step), "base", "scripted" or a
 snapshot's adapter name ("seller@20"); a side trains on exactly the groups where its role is "learner".
-Snapshots are peft adapters of the same model (so the HF engine serves them like the two sides) and are saved
-as standard peft folders in out_dir/snapshots/, from which a resumed run reloads them.
+Snapshots are saved as standard peft folders in out_dir/snapshots/ (a resumed run reloads them) and served like
+the two sides: by the HF engine as extra (frozen) peft adapters of the model, by vLLM as LoRA slots.
 """
 from __future__ import annotations
 
@@ -76,37 +76,57 @@ class Snapshot:
 
 
 class Snapshots:
-    """Each side's last `keep` snapshots: extra peft adapters of the model, saved under out_dir/snapshots/."""
+    """Each side's last `keep` snapshots, saved under out_dir/snapshots/ as peft folders and served as opponents:
+    by the HF engine as extra peft adapters of the model (engine=None), by a vLLM engine as LoRA slots read
+    from those folders (the trainer's model, perhaps sharded by FSDP2, never holds them)."""
 
-    def __init__(self, model, out_dir: str, keep: int):
-        self.model, self.dir, self.keep = model, Path(out_dir) / "snapshots", keep
+    def __init__(self, model, out_dir: str, keep: int, engine=None):
+        self.model, self.dir, self.keep, self.engine = model, Path(out_dir) / "snapshots", keep, engine
         self.taken: dict[str, list[Snapshot]] = {r: [] for r in ROLES}
 
     def names(self) -> dict[str, list[str]]:
         return {r: [s.adapter for s in self.taken[r]] for r in ROLES}
 
+    def folder(self, role: str, step: int) -> Path:
+        return self.dir / f"{role}_step_{step:06d}"
+
     def take(self, role: str, step: int, write: bool = True) -> Snapshot:
-        """Copy the side's adapter as it is now into a new adapter "<role>@<step>" (and to disk when `write`)."""
-        name = f"{role}@{step}"
-        copy_adapter(self.model, ADAPTERS[role], name)
-        snap = Snapshot(role, step, name)
-        self.taken[role].append(snap)
+        """The side's adapter as it is now, as opponent "<role>@<step>": written to disk by the rank with `write`
+        (a collective under FSDP2: every rank gathers), then served. The oldest beyond `keep` is dropped."""
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+        from vllm_engine import adapter_state_dict
+
+        name, folder = f"{role}@{step}", self.folder(role, step)
+        weights = adapter_state_dict(self.model, adapter=ADAPTERS[role])   # full tensors on every rank
         if write:
-            from vllm_engine import adapter_state_dict
-            from safetensors.torch import save_file
-            folder = self.dir / f"{role}_step_{step:06d}"
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(adapter_state_dict(self.model, adapter=name), tmp / "adapter_model.safetensors")
-            self.model.peft_config[name].save_pretrained(str(tmp))
+            save_file(weights, tmp / "adapter_model.safetensors")
+            self.model.peft_config[ADAPTERS[role]].save_pretrained(str(tmp))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
+        if dist.is_initialized():
+            dist.barrier()   # the folder exists before any rank's engine reads it
+        self.serve(role, step, name, weights)
         while len(self.taken[role]) > self.keep:
             old = self.taken[role].pop(0)
-            self.model.delete_adapter(old.adapter)
-            shutil.rmtree(self.dir / f"{role}_step_{old.step:06d}", ignore_errors=True)
-        return snap
+            if self.engine is None:
+                self.model.delete_adapter(old.adapter)
+            else:
+                self.engine.drop_adapter(old.adapter)
+            if write:
+                shutil.rmtree(self.folder(role, old.step), ignore_errors=True)
+        return self.taken[role][-1]
+
+    def serve(self, role: str, step: int, name: str, weights: dict) -> None:
+        if self.engine is None:   # the HF engine: a peft adapter of the model
+            add_frozen_adapter(self.model, ADAPTERS[role], name)
+            set_adapter_weights(self.model, name, weights)
+        else:
+            self.engine.use_adapter(str(self.folder(role, step)), name)
+        self.taken[role].append(Snapshot(role, step, name))
 
     def restore(self, up_to_step: int) -> None:
         """A resumed run: the snapshots saved at or before its checkpoint, back as adapters (newer ones, written
@@ -117,11 +137,7 @@ class Snapshots:
             if folder.name.endswith(".tmp") or step > up_to_step:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            name = f"{role}@{step}"
-            copy_adapter(self.model, ADAPTERS[role], name)   # the right shapes, then the saved values
-            saved = load_peft_weights(str(folder), device="cpu")
-            set_adapter_weights(self.model, name, saved)
-            self.taken[role].append(Snapshot(role, step, name))
+            self.serve(role, step, f"{role}@{step}", load_peft_weights(str(folder), device="cpu"))
 
 
 def add_seller_adapter(model, seed: int) -> None:
@@ -134,18 +150,14 @@ def add_seller_adapter(model, seed: int) -> None:
     model.set_adapter(ADAPTERS["buyer"])   # the active adapter stays the buyer's (train.py's default everywhere)
 
 
-def copy_adapter(model, source: str, name: str) -> None:
-    """Adapter `name` (created if missing) with a copy of adapter `source`'s LoRA weights."""
+def add_frozen_adapter(model, like: str, name: str) -> None:
+    """A new peft adapter `name` configured like adapter `like`, frozen (snapshots are opponents, never trained);
+    set_adapter_weights gives it its values."""
     if name not in model.peft_config:
-        model.add_adapter(name, model.peft_config[source])
+        model.add_adapter(name, model.peft_config[like])
         model.set_adapter(ADAPTERS["buyer"])
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, p in params.items():
-            if f".{source}." in n and "lora_" in n:
-                params[n.replace(f".{source}.", f".{name}.")].copy_(p)
-    for n, p in params.items():   # snapshots are frozen opponents
-        if f".{name}." in n and name not in (ADAPTERS["buyer"], ADAPTERS["seller"]):
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
             p.requires_grad_(False)
 
 

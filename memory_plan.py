@@ -59,6 +59,21 @@ class Workload:
     micro_batch_tokens: int = 4096  # tokens in one trainer forward/backward (sequences packed by token budget)
     kv_cache_gib: float = 16.0  # vLLM KV cache per GPU (gpu_memory_utilization is set to reach it)
     gradient_checkpointing: bool = True  # keep one hidden state per layer, recompute the rest in backward
+    adapters: int = 1  # trained LoRA adapters, each with its gradients and AdamW state (self-play: 2, buyer + seller)
+    max_loras: int = 1  # adapters vLLM serves at once (self-play: both sides + each side's snapshots)
+
+
+def workload_of(cfg) -> dict:
+    """The Workload fields a training config fixes: micro-batch tokens, and with self-play two trained adapters
+    and vLLM slots for both plus every side's snapshots (train.build_engine's max_loras)."""
+    sp = cfg.selfplay
+    selfplay = sp.mode != "off"
+    return {"micro_batch_tokens": cfg.train.micro_batch_tokens, "adapters": 2 if selfplay else 1,
+            "max_loras": 2 + 2 * sp.max_snapshots if selfplay else 1}
+
+
+def lora_buffers_key(rows: dict) -> str:
+    return next(k for k in rows if k.startswith("vLLM LoRA buffers"))
 
 
 @dataclass
@@ -85,18 +100,18 @@ CHOSEN = "fsdp2-bf16"
 # ---- the architecture on the meta device ----------------------------------------------------------------------
 
 def load_run_config(path: str | None):
-    """(model.ModelConfig, the trainer's micro-batch tokens or None) from a training config file, read by
-    config.py (strict: unknown keys fail); without one, config.yaml's model: Qwen3-30B-A3B-Instruct-2507 with
-    LoRA r=16 on attention and the fused experts."""
+    """(model.ModelConfig, the Workload fields the config fixes: workload_of) from a training config file, read
+    by config.py (strict: unknown keys fail); without one, config.yaml's model: Qwen3-30B-A3B-Instruct-2507 with
+    LoRA r=16 on attention and the fused experts, and {}."""
     from model import ModelConfig
 
     if path is None:
         return ModelConfig(name=QWEN3_30B_A3B_NAME, lora_r=16, lora_alpha=32,
-                           lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), None
+                           lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), {}
     from config import load_config
 
     cfg = load_config(path)
-    return cfg.model, cfg.train.micro_batch_tokens
+    return cfg.model, workload_of(cfg)
 
 
 def meta_model(name: str):
@@ -242,27 +257,29 @@ def plan_rows(plan: Plan, groups: dict[str, int], lora: int, arch: Arch, hw: Har
     """Bytes per GPU, by item, for one plan. lora: trainable LoRA parameters; vllm_rank: vLLM's max_lora_rank."""
     shard = hw.gpus if plan.trainer == "fsdp2" else 1
     total_params = sum(groups.values())
+    n = work.adapters  # self-play: the buyer's and the seller's adapter, each with gradient buffers and AdamW
     rows = {
         "base weights (trainer)": base_weight_bytes(groups, plan.base_format) / shard,
-        "LoRA weights (fp32)": lora * 4 / shard,
-        "LoRA gradients (fp32)": lora * 4 / shard,
-        "AdamW state (fp32 m, v)": lora * 8 / shard,
+        "LoRA weights (fp32)": n * lora * 4 / shard,
+        "LoRA gradients (fp32)": n * lora * 4 / shard,   # kept (zeroed) between updates: one buffer per adapter
+        "AdamW state (fp32 m, v)": n * lora * 8 / shard,
         # FSDP2 gathers one decoder layer for compute and prefetches the next: two bf16 layers in flight.
         "FSDP2 gather buffers": (2 * (total_params - groups["embeddings"]) / arch.layers * 2
                                  if plan.trainer == "fsdp2" else 0.0),
         "activations (estimate)": activation_bytes(arch, work.micro_batch_tokens, work.gradient_checkpointing),
         "vLLM weights (bf16)": total_params * 2 / plan.vllm_tp,
-        "vLLM LoRA buffers (max_loras=1)": sum(vllm_lora_buffer_bytes(arch, vllm_rank, plan.vllm_tp).values()),
+        f"vLLM LoRA buffers (max_loras={work.max_loras})": sum(vllm_lora_buffer_bytes(
+            arch, vllm_rank, plan.vllm_tp, work.max_loras).values()),
         "vLLM KV cache": work.kv_cache_gib * GIB,
         "reserve (context, NCCL, fragmentation)": hw.reserve_gib * GIB,
     }
     reserve = rows["reserve (context, NCCL, fragmentation)"]
     resident = ("base weights (trainer)", "LoRA weights (fp32)", "AdamW state (fp32 m, v)")
     trainer_resident = sum(rows[k] for k in resident)
-    vllm = rows["vLLM weights (bf16)"] + rows["vLLM LoRA buffers (max_loras=1)"] + rows["vLLM KV cache"]
+    vllm = rows["vLLM weights (bf16)"] + rows[lora_buffers_key(rows)] + rows["vLLM KV cache"]
     # Every rank first loads the whole model onto its GPU (from_pretrained with device_map), adds LoRA, and only
     # then shards it (train.py returns the full copy to CUDA before the engine starts): the first peak.
-    rows["= loading (whole model, before sharding)"] = (base_weight_bytes(groups, plan.base_format) + lora * 4
+    rows["= loading (whole model, before sharding)"] = (base_weight_bytes(groups, plan.base_format) + n * lora * 4
                                                         + reserve)
     rows["= during generation"] = trainer_resident + vllm + reserve
     rows["= during training"] = (trainer_resident + rows["LoRA gradients (fp32)"] + rows["FSDP2 gather buffers"]
@@ -275,7 +292,8 @@ def adapter_file_bytes(lora: int) -> float:
     return lora * 2
 
 
-def host_rows(plan: Plan, gpu_rows: dict, lora: int, ranks: int, adapter_sync: bool = True) -> dict:
+def host_rows(plan: Plan, gpu_rows: dict, lora: int, ranks: int, adapter_sync: bool = True, adapters: int = 1,
+              max_loras: int = 1) -> dict:
     """Host memory (RAM) of one node with `ranks` training ranks, by item, at the peak of a sync.
     - Sleep level 1 copies each GPU's vLLM weights pool (weights and LoRA buffers) into freshly pinned host memory
       (vllm/device_allocator/cumem.py, CuMemAllocator.sleep). Wake-up drops the tensors, but PyTorch's pinned
@@ -286,16 +304,18 @@ def host_rows(plan: Plan, gpu_rows: dict, lora: int, ranks: int, adapter_sync: b
       device="cpu"; lora_model.py pins it): each rank's peak is the CPU copy + one file + vLLM's copy of the
       previous adapter. use_adapter removes the old LoRA from vLLM before the new one loads, so vLLM never holds
       two.
+    Self-play (adapters=2, max_loras slots): a sync may write both sides' adapters, and vLLM pins every adapter it
+    serves (both sides and the snapshots, which are read from out_dir on disk).
     /dev/shm is RAM (tmpfs), so its files count in both the RAM total and the /dev/shm line. Not counted: each
     process's own memory (Python, CUDA context, libraries: a few GiB per rank) and the page cache of the
     checkpoint files (reclaimable)."""
-    per_gpu_sleep = gpu_rows["vLLM weights (bf16)"] + gpu_rows["vLLM LoRA buffers (max_loras=1)"]
+    per_gpu_sleep = gpu_rows["vLLM weights (bf16)"] + gpu_rows[lora_buffers_key(gpu_rows)]
     adapter = adapter_file_bytes(lora) if adapter_sync else 0.0
     rows = {
         "sleep level 1: pinned copy of vLLM weights + LoRA": ranks * per_gpu_sleep if plan.sleep else 0.0,
-        "sync: adapter state dict on the CPU": ranks * adapter,
-        "sync: vLLM's pinned copy of the adapter": ranks * adapter,
-        "sync: /dev/shm adapter files": ranks * adapter,
+        "sync: adapter state dict on the CPU": ranks * adapter * adapters,
+        "sync: vLLM's pinned copy of the adapter": ranks * adapter * max(adapters, max_loras),
+        "sync: /dev/shm adapter files": ranks * adapter * adapters,
     }
     rows["= host RAM at a sync"] = sum(rows.values())
     return rows
@@ -306,7 +326,7 @@ VLLM_WORKSPACE_GIB = 2.0  # vLLM's own activations / sampler buffers inside its 
 
 def gpu_memory_utilization(rows: dict, hw: Hardware) -> float:
     """The vLLM share of the GPU that holds its weights, its LoRA buffers, the planned KV cache and its workspace."""
-    vllm = (rows["vLLM weights (bf16)"] + rows["vLLM LoRA buffers (max_loras=1)"] + rows["vLLM KV cache"]
+    vllm = (rows["vLLM weights (bf16)"] + rows[lora_buffers_key(rows)] + rows["vLLM KV cache"]
             + VLLM_WORKSPACE_GIB * GIB)
     return vllm / (hw.gpu_gib * GIB)
 
@@ -326,12 +346,15 @@ def format_report(cfg, groups, lora, arch, hw, work, plans=CANDIDATES) -> str:
         f"other {groups['other'] / 1e6:.1f} M); LoRA r={cfg.lora_r} on {list(cfg.lora_target_modules)} "
         f"+ {list(cfg.lora_target_parameters)}: {lora / 1e6:.1f} M trainable",
         f"{hw.gpus} x {hw.gpu_gib} GiB; micro-batch {work.micro_batch_tokens} tokens "
-        f"(checkpointing {'on' if work.gradient_checkpointing else 'off'}); KV cache {work.kv_cache_gib} GiB/GPU",
+        f"(checkpointing {'on' if work.gradient_checkpointing else 'off'}); KV cache {work.kv_cache_gib} GiB/GPU"
+        + (f"; self-play: {work.adapters} trained adapters, {work.max_loras} vLLM LoRA slots"
+           if work.adapters > 1 else ""),
         "",
     ]
     rank = vllm_lora_rank(cfg.lora_r)
     all_rows = {p.name: plan_rows(p, groups, lora, arch, hw, work, rank) for p in plans}
-    host = {p.name: host_rows(p, all_rows[p.name], lora, hw.gpus) for p in plans}
+    host = {p.name: host_rows(p, all_rows[p.name], lora, hw.gpus, adapters=work.adapters, max_loras=work.max_loras)
+            for p in plans}
     width = max(len(k) for k in [*next(iter(all_rows.values())), *next(iter(host.values()))])
 
     def table(title, rows_by_plan, *first):
@@ -349,8 +372,8 @@ def format_report(cfg, groups, lora, arch, hw, work, plans=CANDIDATES) -> str:
     lines.append(f"{'/dev/shm needed':<{width}}"
                  + "".join(f"{host[p.name]['sync: /dev/shm adapter files'] / GIB:>18.2f}" for p in plans))
     lines.append("")
-    buffers = vllm_lora_buffer_bytes(arch, rank, 2)
-    lines.append(f"vLLM LoRA buffers at TP 2, max_lora_rank {rank}: experts {buffers['experts'] / GIB:.2f} GiB + "
+    buffers = vllm_lora_buffer_bytes(arch, rank, 2, work.max_loras)
+    lines.append(f"vLLM LoRA buffers at TP 2, max_lora_rank {rank}, {work.max_loras} slot(s): experts {buffers['experts'] / GIB:.2f} GiB + "
                  f"attention, router, embeddings {buffers['dense'] / GIB:.2f} GiB per GPU; adapter file "
                  f"{adapter_file_bytes(lora) / 1e9:.2f} GB (bf16) per rank and sync")
     for p in plans:
@@ -385,9 +408,10 @@ def host_memory_need(cfg, ranks_per_node: int, cuda: bool) -> dict[str, float]:
         model = model_lib.meta_model(cfg.model)
     groups, arch, lora = parameter_groups(model), Arch.of(model), lora_numel(model, cfg.model)
     plan = Plan("this run", "fsdp2", "bf16", cfg.engine.tensor_parallel_size, sleep=cfg.engine.sleep and cuda)
-    gpu = plan_rows(plan, groups, lora, arch, Hardware(gpus=ranks_per_node), Workload(),
-                    vllm_lora_rank(cfg.model.lora_r))
-    rows = host_rows(plan, gpu, lora, ranks_per_node, adapter_sync=cfg.engine.sync_strategy == "adapter")
+    work = Workload(**workload_of(cfg))
+    gpu = plan_rows(plan, groups, lora, arch, Hardware(gpus=ranks_per_node), work, vllm_lora_rank(cfg.model.lora_r))
+    rows = host_rows(plan, gpu, lora, ranks_per_node, adapter_sync=cfg.engine.sync_strategy == "adapter",
+                     adapters=work.adapters, max_loras=work.max_loras)
     scale = DTYPES[cfg.model.dtype].itemsize / 2
     return {k: v * scale for k, v in rows.items()}
 
@@ -503,11 +527,11 @@ def main(argv=None) -> str:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
     ap.add_argument("--vllm-tp", type=int, default=None, help="also show the chosen plan with this vLLM TP size")
     args = ap.parse_args(argv)
-    cfg, micro_batch_tokens = load_run_config(args.config)
+    cfg, from_config = load_run_config(args.config)
     hw = Hardware(**{k: getattr(args, k) for k in Hardware.__dataclass_fields__})
     given = {k: getattr(args, k) for k in Workload.__dataclass_fields__ if getattr(args, k) is not None}
-    if micro_batch_tokens is not None:
-        given.setdefault("micro_batch_tokens", micro_batch_tokens)
+    for k, v in from_config.items():
+        given.setdefault(k, v)
     work = Workload(**given)
     if hw.gpus < 1 or work.micro_batch_tokens < 1 or work.kv_cache_gib < 0:
         raise ValueError("--gpus and --micro-batch-tokens must be >= 1 and --kv-cache-gib >= 0")

@@ -592,7 +592,10 @@ def build_engine(cfg, model, tokenizer):
         # validation allows it only unsharded (a tiny model, where this costs nothing).
         from engine import HFEngine
         seller = HFEngine(model, tokenizer, max_batch_tokens=e.max_batch_tokens)
+    sp = cfg.selfplay   # self-play serves both sides' adapters and each side's snapshots
+    loras = 1 if sp.mode == "off" else 2 + 2 * sp.max_snapshots
     return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype, seller=seller,
+                      max_loras=loras,
                       gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=e.max_model_len,
                       max_lora_rank=cfg.model.lora_r, max_num_seqs=e.max_num_seqs, seed=cfg.seed,
                       quantization=e.quantization or None, enforce_eager=e.enforce_eager,
@@ -958,7 +961,8 @@ def update(model, side, convs, rows, adv, old, ref, cfg, pad_id, device, stats, 
 def step_metrics(step, episodes, counts, times, device) -> dict:
     """The metrics.jsonl line of one step, less each side's training statistics: every reward.summarize metric
     (the buyer's view of all of the step's episodes), token counts, times, memory."""
-    return {"step": step, **reward.summarize(episodes), "probe_gap": times.pop("probe_gap", None),
+    seller_probe = {"seller/probe_gap": times.pop("seller_probe_gap")} if "seller_probe_gap" in times else {}
+    return {"step": step, **reward.summarize(episodes), "probe_gap": times.pop("probe_gap", None), **seller_probe,
             "tokens_generated": int(counts["generated_tokens"]), "sequence_tokens": int(counts["sequence_tokens"]),
             "tokens_per_s": counts["generated_tokens"] / max(times["rollout"], 1e-9),
             **{f"time_{k}": v for k, v in times.items()}, "peak_mem_gib": peak_memory_gib(device)}
@@ -1222,6 +1226,9 @@ def main(argv: list[str] | None = None) -> dict:
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
     t = cfg.train
+    selfplay = cfg.selfplay.mode != "off"
+    if selfplay:  # the seller learns back: its own adapter on the same base (league.py), sharded with the rest
+        league.add_seller_adapter(model, cfg.seed)
     if t.sharding == "fsdp2" and world() > 1:  # the bf16 base, LoRA and AdamW sharded over the ranks
         shard(model)
         if cuda:  # the full copy each rank loaded (57 GiB for the 30B) stays cached by PyTorch's allocator unless
@@ -1230,14 +1237,14 @@ def main(argv: list[str] | None = None) -> dict:
         print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
     sides = {"buyer": make_side(cfg, model, "buyer", [p for p in model.parameters() if p.requires_grad])}
     # (under FSDP2 the buyer's params are this rank's shards, DTensors)
-    snapshots = None
-    if cfg.selfplay.mode != "off":  # the seller learns back: its own adapter on the same base (league.py)
-        league.add_seller_adapter(model, cfg.seed)
-        sides["seller"] = make_side(cfg, model, "seller", league.adapter_params(model, league.ADAPTERS["seller"]))
-        snapshots = league.Snapshots(model, cfg.out_dir, cfg.selfplay.max_snapshots)
     # The engine first: vLLM reseeds the process's global RNGs when it starts (random, numpy, torch, with the
     # engine's seed), so it must start before the per-rank seeding below and before a resume restores them.
     engine = build_engine(cfg, model, tokenizer)
+    snapshots = None
+    if selfplay:
+        sides["seller"] = make_side(cfg, model, "seller", league.adapter_params(model, league.ADAPTERS["seller"]))
+        snapshots = league.Snapshots(model, cfg.out_dir, cfg.selfplay.max_snapshots,
+                                     engine if cfg.engine.kind == "vllm" else None)
     seed_everything(cfg.seed + rank())  # differently per rank, reproducibly
     start_step = 0
     resume_from = find_resume_checkpoint(cfg)
@@ -1247,8 +1254,10 @@ def main(argv: list[str] | None = None) -> dict:
         if snapshots is not None:
             snapshots.restore(start_step)
         print0(f"resumed from {resume_from} (step {start_step}, data position {state['data_position']})")
-    engine.sync(model)  # the engine generates with the (possibly resumed) policy from the first rollout on
+    for role in sides:  # the engine generates with the (possibly resumed) policy from the first rollout on
+        engine.sync(model, sides[role].adapter)
     probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if cfg.engine.kind == "vllm" else None
+    seller_probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if probe and selfplay else None
     sleeps = cfg.engine.kind == "vllm" and cfg.engine.sleep and torch.cuda.is_available()
     endpoint = None
     if cfg.seller.kind == "chat":
@@ -1317,9 +1326,14 @@ def main(argv: list[str] | None = None) -> dict:
             import vllm_engine
             if sleeps:
                 engine.wake_up()
-            engine.sync(model)
+            for role in trained:   # the sides that learned this step
+                engine.sync(model, sides[role].adapter)
             times["probe_gap"] = vllm_engine.check_freshness(
                 engine, probe, lambda ids: vllm_engine.token_logprobs(model, ids))
+            if "seller" in trained:   # the seller's adapter gets the same check, on a probe of its own
+                with active_adapter(model, sides["seller"].adapter):
+                    times["seller_probe_gap"] = vllm_engine.check_freshness(
+                        engine, seller_probe, lambda ids: vllm_engine.token_logprobs(model, ids), sides["seller"].adapter)
         times["sync"] = time.perf_counter() - t2
         times["step"] = time.perf_counter() - t0
 

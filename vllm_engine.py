@@ -67,7 +67,7 @@ class VLLMEngine:
                  max_lora_rank: int = 16, max_num_seqs: int = 256, seed: int = 0, quantization: str | None = None,
                  enforce_eager: bool = False, enable_sleep_mode: bool | None = None,
                  seller: "VLLMEngine | None" = None, adapter_dir: str | None = None,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, max_loras: int = 1):
         if sync_strategy not in SYNC_STRATEGIES:
             raise ValueError(f"sync_strategy={sync_strategy!r} is unknown: use one of {SYNC_STRATEGIES}")
         if max_lora_rank > VLLM_LORA_RANKS[-1]:
@@ -82,7 +82,8 @@ class VLLMEngine:
         self.tp_group, tp_index = make_tp_group(tensor_parallel_size)
         self.lockstep = tensor_parallel_size > 1  # env.LLMPlayer: call generate even with nothing to generate
         self.version = 0  # weight versions loaded so far (syncs + use_adapter calls); the current LoRA id
-        self.lora_request = None  # the current policy adapter ("adapter" strategy)
+        self.lora_requests: dict[str, object] = {}  # served adapters by name: "policy" (adapter=True), "seller",
+        #                                             self-play snapshots ("seller@20"); at most max_loras of them
         self.sleeping = False
         self.last_sync_s = 0.0  # seconds the latest sync took
         self._cpu_sleep_notice_shown = False
@@ -97,7 +98,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
             distributed_executor_backend="external_launcher" if under_torchrun() else None,
-            enable_lora=sync_strategy == "adapter", max_loras=1,
+            enable_lora=sync_strategy == "adapter", max_loras=max_loras,
             # Qwen3-MoE in vLLM adapts experts with its per-expert (2-D) LoRA wrapper; peft writes fused 3-D
             # expert LoRA. This flag makes vLLM convert the latter at load (use_adapter sets is_3d_lora_weight).
             **({"enable_mixed_moe_lora_format": True} if sync_strategy == "adapter" and has_experts(model_path) else {}),
@@ -108,17 +109,36 @@ class VLLMEngine:
         )
         self.start_s = time.perf_counter() - start  # engine start-up seconds (load, profile, KV cache)
 
+    @property
+    def lora_request(self):
+        """The policy's adapter (adapter=True), or None before the first sync."""
+        return self.lora_requests.get("policy")
+
+    def lora_for(self, adapter: bool | str):
+        """The LoRARequest of adapter=True (the policy), False (none: the base) or a name given to sync/use_adapter."""
+        if adapter is False:
+            return None
+        name = "policy" if adapter is True or adapter == "default" else adapter
+        if name not in self.lora_requests:
+            raise ValueError(f"adapter {adapter!r} is not served by this engine (it serves "
+                             f"{sorted(self.lora_requests)}): sync(model, adapter=...) or use_adapter(path, name) it")
+        return self.lora_requests[name]
+
     # ---- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool,
+    def generate(self, prompts: list[list[int]], *, temperature: float, max_tokens: int, adapter: bool | str,
                  seed: int | None = None) -> list[Generation]:
         """One generation per prompt (token ids), in order. adapter=True: the trained policy; False: the frozen
-        base. Per-request seeds seed + i make each sample independent of how the batch was composed."""
+        base; a name: that served adapter (self-play's seller, a snapshot). Per-request seeds seed + i make each
+        sample independent of how the batch was composed."""
         if prompts:
             check_generate_args(prompts, temperature, max_tokens)
         if self.sleeping:
             raise RuntimeError("generate() on a sleeping engine: call engine.wake_up() (and sync) first")
-        if not adapter and self.sync_strategy == "merged":
+        if isinstance(adapter, str) and adapter != "default" and self.sync_strategy == "merged":
+            raise ValueError(f"adapter={adapter!r} on a merged engine: it holds only the policy's weights; serve "
+                             f"several adapters with sync_strategy='adapter'")
+        if adapter is False and self.sync_strategy == "merged":
             if self.seller is None:
                 raise ValueError(
                     "sync_strategy='merged' overwrites this engine's base weights with the policy, so it cannot "
@@ -139,7 +159,7 @@ class VLLMEngine:
                        for i in range(len(call_prompts))]
         if not requests:
             return []
-        lora = self.lora_request if adapter else None
+        lora = self.lora_for(adapter) if self.sync_strategy == "adapter" else None
         outputs = []
         for lo, hi in self.request_chunks([len(r["prompt_token_ids"]) for r in requests]):
             outputs += self.llm.generate(requests[lo:hi], params[lo:hi], lora_request=lora, use_tqdm=False)
@@ -180,36 +200,42 @@ class VLLMEngine:
         if not adapter and self.sync_strategy == "merged":
             raise ValueError("score(adapter=False) on a merged engine: its weights are the policy, not the base")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        lora = self.lora_request if adapter else None
+        lora = self.lora_for(adapter) if self.sync_strategy == "adapter" else None
         out = self.llm.generate([{"prompt_token_ids": list(ids)}], params, lora_request=lora, use_tqdm=False)[0]
         return [step[token].logprob for step, token in zip(out.prompt_logprobs[1:], ids[1:])]
 
     # ---- weight sync ------------------------------------------------------------------------------------------
 
-    def sync(self, model) -> None:
-        """Make adapter=True generate with the trainer's current LoRA weights. `model`: the peft model (not a
-        DDP wrapper); every rank calls it."""
+    def sync(self, model, adapter: str = "default") -> None:
+        """Make adapter=True generate with the trainer's current LoRA weights (adapter="seller": serve the peft
+        adapter of that name under that name, self-play's seller). `model`: the peft model (not a DDP wrapper);
+        every rank calls it."""
         if not hasattr(model, "peft_config"):
             raise TypeError(f"sync() needs the peft model, got {type(model).__name__}: pass ddp_model.module")
         if self.sleeping:
             raise RuntimeError("sync() on a sleeping engine: call engine.wake_up() first (weights must be resident)")
         start = time.perf_counter()
         if self.sync_strategy == "adapter":
-            self.sync_adapter(model)  # counts the version itself (use_adapter)
+            self.sync_adapter(model, adapter)  # counts the version itself (use_adapter)
+        elif adapter != "default":
+            raise ValueError("a merged engine holds one set of weights, the policy's: a second adapter needs "
+                             "sync_strategy='adapter'")
         else:
             self.sync_merged(model)
             self.version += 1
         self.last_sync_s = time.perf_counter() - start
 
-    def sync_adapter(self, model) -> None:
+    def sync_adapter(self, model, adapter: str = "default") -> None:
         dtype = self.llm.llm_engine.model_config.dtype  # vLLM computes LoRA in its dtype
-        if self.lora_request is not None and self.wrote(self.lora_request.lora_path):
+        name = "policy" if adapter == "default" else adapter
+        served = self.lora_requests.get(name)
+        if served is not None and self.wrote(served.lora_path):
             # vLLM read the served adapter into its own memory at add_lora: its files can go before the new ones
             # are written, so the folder never holds two (1.29 GB each for the 30B with experts, on every rank).
-            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
-        path = os.path.join(self.adapter_dir_with_room(adapter_nbytes(model, dtype)), f"policy-v{self.version + 1}")
-        save_adapter(model, path, dtype=dtype)
-        self.use_adapter(path)
+            shutil.rmtree(served.lora_path, ignore_errors=True)
+        path = os.path.join(self.adapter_dir_with_room(adapter_nbytes(model, dtype)), f"{name}-v{self.version + 1}")
+        save_adapter(model, path, dtype=dtype, adapter=adapter)
+        self.use_adapter(path, name)
 
     def adapter_dir_with_room(self, nbytes: int) -> str:
         """The folder the next adapter is written to: our folder in /dev/shm while it has room for `nbytes`
@@ -236,23 +262,29 @@ class VLLMEngine:
         """Whether `path` is an adapter folder this engine wrote (not, e.g., a checkpoint eval.py serves)."""
         return os.path.dirname(os.path.abspath(path)) in {os.path.abspath(d) for d in self.adapter_dirs}
 
-    def use_adapter(self, path: str) -> None:
-        """Serve adapter=True from the peft adapter folder `path` (a fresh LoRA id, so nothing cached for the
-        previous adapter is reused). sync() calls it with the trainer's weights; eval.py with a checkpoint's."""
+    def use_adapter(self, path: str, name: str = "policy") -> None:
+        """Serve the peft adapter folder `path` as `name` ("policy": adapter=True; another name: adapter=name), a
+        fresh LoRA id, so nothing cached for the adapter it replaces is reused. sync() calls it with the trainer's
+        weights; eval.py with a checkpoint's; self-play with its snapshots."""
         from vllm.lora.request import LoRARequest
 
         if self.sync_strategy != "adapter":
             raise ValueError("use_adapter() needs sync_strategy='adapter' (a merged engine has LoRA disabled)")
         lora_id = self.version + 1
-        new = LoRARequest(lora_name=f"policy-v{lora_id}", lora_int_id=lora_id, lora_path=path,
+        new = LoRARequest(lora_name=f"{name}-v{lora_id}", lora_int_id=lora_id, lora_path=path,
                           is_3d_lora_weight=adapts_fused_experts(path))
-        old, self.lora_request = self.lora_request, new
-        if old is not None:  # free the single adapter slot first; delete the old folder only if we wrote it
+        self.drop_adapter(name)  # free its slot first; delete the old folder only if we wrote it
+        self.lora_requests[name] = new
+        self.llm.llm_engine.add_lora(new)  # load now: a bad adapter fails here, not mid-rollout
+        self.version = lora_id
+
+    def drop_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (a dropped self-play snapshot); its files go too if this engine wrote them."""
+        old = self.lora_requests.pop(name, None)
+        if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             if self.wrote(old.lora_path):
                 shutil.rmtree(old.lora_path, ignore_errors=True)
-        self.llm.llm_engine.add_lora(new)  # load now: a bad adapter fails here, not mid-rollout
-        self.version = lora_id
 
     def sync_merged(self, model) -> None:
         dtype = self.llm.llm_engine.model_config.dtype
@@ -370,15 +402,15 @@ def adapter_state_dict(model, dtype: torch.dtype | None = None, adapter: str = "
             for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
 
 
-def save_adapter(model, path: str, dtype: torch.dtype | None = None) -> None:
+def save_adapter(model, path: str, dtype: torch.dtype | None = None, adapter: str = "default") -> None:
     """A standard peft adapter folder (adapter_config.json + adapter_model.safetensors), loadable by
     `PeftModel.from_pretrained` and by vLLM's LoRA loader. dtype: e.g. the engine's bfloat16, half the bytes of
     peft's float32 LoRA weights (642 M parameters with the experts of Qwen3-30B-A3B adapted)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(adapter_state_dict(model, dtype), os.path.join(path, "adapter_model.safetensors"))
-    model.peft_config["default"].save_pretrained(path)
+    save_file(adapter_state_dict(model, dtype, adapter), os.path.join(path, "adapter_model.safetensors"))
+    model.peft_config[adapter].save_pretrained(path)
 
 
 def adapter_nbytes(model, dtype: torch.dtype) -> int:
@@ -509,7 +541,8 @@ class FreshnessProbe:
         return gap
 
 
-def check_freshness(engine: VLLMEngine, probe: FreshnessProbe, score_trainer) -> float:
-    """Score the probe with the engine (policy) and with `score_trainer(ids) -> log-probs of ids[1:]`; returns
-    the max |difference| over the reply, raising StaleEngineError as FreshnessProbe.check says."""
-    return probe.check(engine.score(probe.ids, adapter=True), score_trainer(probe.ids))
+def check_freshness(engine: VLLMEngine, probe: FreshnessProbe, score_trainer, adapter: bool | str = True) -> float:
+    """Score the probe with the engine (the policy, or the served adapter `adapter`) and with
+    `score_trainer(ids) -> log-probs of ids[1:]`; returns the max |difference| over the reply, raising
+    StaleEngineError as FreshnessProbe.check says."""
+    return probe.check(engine.score(probe.ids, adapter=adapter), score_trainer(probe.ids))

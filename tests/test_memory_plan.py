@@ -231,3 +231,26 @@ def test_fsdp2_sharding_on_two_cpu_processes(tiny_model_dir, tmp_path):
         assert out["local"] * 2 == out["full"]  # each rank holds half of every parameter
         assert out["grad_gap"] < 1e-6  # gradients equal the unsharded, rank-averaged ones
         assert out["merged_same"] and out["adapter_same"]  # the weight sync sees whole tensors
+
+
+def test_selfplay_plan_counts_two_adapters_and_every_lora_slot(qwen30b):
+    """configs/selfplay-30b.yaml: the seller's adapter doubles LoRA weights, gradients and AdamW state (sharded
+    over 8 GPUs), and vLLM holds 2 + 2 x 3 snapshot slots of LoRA buffers; the chosen plan still fits."""
+    import config
+    cfg = config.load_config(str(ROOT / "configs" / "selfplay-30b.yaml"))
+    cfg.validate(8)
+    work = mp.Workload(**mp.workload_of(cfg))
+    assert (work.adapters, work.max_loras, work.micro_batch_tokens) == (2, 8, 4096)
+    groups, arch = mp.parameter_groups(qwen30b), mp.Arch.of(qwen30b)
+    plan = {p.name: p for p in mp.CANDIDATES}[mp.CHOSEN]
+    one = mp.plan_rows(plan, groups, CONFIG_YAML_LORA, arch, mp.Hardware(), mp.Workload(), vllm_rank=16)
+    two = mp.plan_rows(plan, groups, CONFIG_YAML_LORA, arch, mp.Hardware(), work, vllm_rank=16)
+    for key in ("LoRA weights (fp32)", "LoRA gradients (fp32)", "AdamW state (fp32 m, v)"):
+        assert two[key] == 2 * one[key]
+    assert two["AdamW state (fp32 m, v)"] == 2 * CONFIG_YAML_LORA * 8 / 8   # m and v in fp32, over 8 GPUs
+    assert two["vLLM LoRA buffers (max_loras=8)"] == 8 * one["vLLM LoRA buffers (max_loras=1)"]
+    assert mp.fits(two, mp.Hardware())
+    host = mp.host_rows(plan, two, CONFIG_YAML_LORA, ranks=8, adapters=2, max_loras=8)
+    assert host["sync: /dev/shm adapter files"] == 8 * 2 * CONFIG_YAML_LORA * 2   # both sides' bf16 files per rank
+    assert host["sync: vLLM's pinned copy of the adapter"] == 8 * 8 * CONFIG_YAML_LORA * 2
+    assert mp.gpu_memory_utilization(two, mp.Hardware()) <= cfg.engine.gpu_memory_utilization

@@ -196,7 +196,8 @@ def test_buyer_and_environment_tokens_get_exactly_zero_gradient_in_the_sellers_l
 
 @pytest.mark.parametrize("override, field", [
     (["selfplay.mode=both"], "selfplay.mode"),
-    (["selfplay.mode=alternate", "engine.kind=vllm"], "engine.kind"),
+    (["selfplay.mode=alternate", "engine.kind=vllm", "engine.sync_strategy=merged"], "engine.sync_strategy"),
+    (["selfplay.mode=alternate", "train.sharding=fsdp2"], "train.sharding"),
     (["selfplay.mode=alternate", "seller.kind=scripted"], "seller.kind"),
     (["selfplay.mode=alternate", "selfplay.league_latest=0"], "selfplay.league_latest"),
     (["selfplay.mode=alternate", "selfplay.switch_every=0"], "selfplay.switch_every"),
@@ -240,3 +241,26 @@ def test_crossplay_table_by_hand():
     assert t["seller_reward"] == [pytest.approx([0.3, 0.0]), pytest.approx([0.6, 0.5])]
     assert t["worst_buyer_reward"] == {"b1": pytest.approx(-1.0), "b2": pytest.approx(0.1)}
     assert t["seller_mean_reward"] == {"s1": pytest.approx(0.45), "s2": pytest.approx(0.25)}
+
+
+def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
+    """engine.kind=vllm, sync_strategy=adapter: the buyer's and the seller's adapters are synced after the steps
+    they learn in and each is checked by its own freshness probe; snapshots become LoRA slots (max_loras)."""
+    pytest.importorskip("vllm")
+    import os
+    out = tmp_path / "spv"
+    cmd = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2", "train.steps=3",
+           "eval.episodes_per_product=0", "selfplay.switch_every=1", "selfplay.snapshot_every=1",
+           "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm", "engine.max_model_len=1024",
+           "engine.enforce_eager=true", "selfplay.league_latest=0", "selfplay.league_snapshots=1",
+           "selfplay.league_base=0", "selfplay.league_scripted=0"]
+    env_vars = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env_vars)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["probe_gap"] < 1e-3 and metrics[1]["seller/probe_gap"] < 1e-3   # both adapters fresh
+    assert metrics[0]["logp_diff_abs_max"] < 1e-3 and metrics[1]["seller/logp_diff_abs_max"] < 1e-3
+    # snapshots only: step 1 has none yet (the seller as it is), step 2 meets buyer@1, step 3 seller@2
+    assert metrics[0]["league/seller_current"] == 1 and metrics[1]["league/buyer_snapshot"] == 1
+    assert metrics[2]["league/seller_snapshot"] == 1
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["buyer_step_000003", "seller_step_000002"]
