@@ -123,6 +123,8 @@ class EvalConfig:
     generalisation_jitter: float = 0.5  # the unseen scripted sellers' spread of exponent and margin per episode
     generalisation_temperatures: list[float] = field(default_factory=list)  # LLM seller temperatures to also try
     best_response_products: int = 16  # train products the best-fixed-schedule search plays (ladder style, scripted)
+    crossplay_buyers: list[str] = field(default_factory=list)  # self-play: other buyers' checkpoints (e.g. a
+    #                                   single-sided run's step_NNNNNN) added to the final cross-play table
 
 
 @dataclass
@@ -268,6 +270,13 @@ class Config:
         need(not ev.generalisation_temperatures or s.kind == "llm", "eval.generalisation_temperatures",
              "other temperatures of the LLM seller need seller.kind=llm; use [] for another seller")
         need(ev.best_response_products >= 1, "eval.best_response_products", "must be >= 1 (e.g. 16)")
+        for path in ev.crossplay_buyers:
+            need(os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")) or
+                 os.path.isfile(os.path.join(path, "adapter_config.json")), "eval.crossplay_buyers",
+                 f"{path!r} is not a checkpoint folder (no adapter/adapter_config.json): give train.py's "
+                 f"runs/NAME/step_NNNNNN")
+        need(not ev.crossplay_buyers or self.selfplay.mode != "off", "eval.crossplay_buyers",
+             "the cross-play table is written by self-play runs: set selfplay.mode, or drop eval.crossplay_buyers")
         self.validate_selfplay(need)
         need(lg.transcripts_per_step >= 0, "log.transcripts_per_step", "must be >= 0")
         need(bool(self.out_dir), "out_dir", "set a run folder, e.g. runs/my-run")

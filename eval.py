@@ -7,11 +7,17 @@
     python eval.py --ckpt scripted --seller scripted:boulware --products 16 --episodes 1   # seconds, no model
     python eval.py ... --resume                                      # continue an interrupted evaluation
     python eval.py ... --run runs/cpu                                # add the training curves to the report
+    python eval.py --ckpt runs/cpu/step_000080 --ckpt runs/cpu-selfplay/step_000080 --seller base \
+                   --seller runs/cpu-selfplay/step_000080 --seller scripted:linear --exploitability   # cross-play
 
 The default protocol is the paper's: the 128 held-out test products (data.split_scenarios, seed 0) x 4 episodes,
 buyer temperature 1.0, seller temperature 0.7, at most 6 rounds, the neutral seller persona; a checkpoint's own
 config.yaml overrides the seller's temperature and persona (the CPU default's seller: 1.0, no persona).
-Output folder (--out): metrics.json, episodes.jsonl, report.md, report.html (one self-contained page).
+Output folder (--out): metrics.json, episodes.jsonl, report.md, report.html (one self-contained page). With
+several sellers (a self-play checkpoint's seller_adapter/, its snapshots, base, scripted, an endpoint) it also
+writes the cross-play table: every buyer's mean reward against every seller and every seller's (its mirror
+score, reward.seller_score), with bootstrap intervals, and with --exploitability the best fixed schedule's reward
+against each seller.
 
 Deliberate choices:
 - Episodes are played by env.play, scored by reward.score and summarised by reward.summarize: the code that

@@ -28,6 +28,12 @@ One step:
  5. AdamW on the LoRA parameters, warm-up, gradient clipping; the gradient all-reduce across ranks is one
     visible call. The engine then receives the new weights (a no-op for the HF engine, which shares them).
 
+Self-play (selfplay.mode: alternate | simultaneous; league.py): the seller is a second LoRA adapter on the same
+base and learns by GRPO too, on its own tokens and its own verifiable reward (reward.seller_score). A side (its
+adapter, parameters, optimiser, scheduler, reward, temperature) is a `Side`; steps 2-3 run once per side that
+learns in the step (`train_side`); each group's opponent is drawn from a league (the other side now, its
+snapshots, the frozen base, scripted players). The run ends with a cross-play table.
+
 Deliberate choices:
 - No KL by default (the paper): kl_coef=0 runs no reference forward at all. With kl_coef>0: k3 estimator
   against the same model with the adapter disabled, aggregated like the loss.
@@ -1037,7 +1043,7 @@ def final_evaluation(cfg, model, engine, train, test, seller_endpoint, before: d
                 "first_offer_ratio")
         print0(f"{'held-out':<10}" + "".join(f"{k[:17]:>18}" for k in keys))
         for name, row in result.items():
-            if row and name != "generalisation":
+            if row and name not in ("generalisation", "crossplay"):
                 print0(f"{name:<10}" + "".join(f"{_fmt(row.get(k)):>18}" for k in keys))
         if "generalisation" in result:
             print_generalisation(result["generalisation"])
@@ -1057,8 +1063,16 @@ def selfplay_crossplay(cfg, model, engine, train, test, snapshots: league.Snapsh
 
     ev, ladder = cfg.eval, cfg.rollout.style == "ladder"
     sellers = {"base": False, "scripted:family": "scripted", "trained seller": league.ADAPTERS["seller"]}
-    sellers |= {f"seller snapshot {s.step}": s.adapter for s in snapshots.taken["seller"]}
+    sellers |= {f"seller snapshot {s.step}": s.adapter for s in snapshots.taken["seller"] if s.step < cfg.train.steps}
     buyers = {"start": False, "trained": True}
+    for path in ev.crossplay_buyers:   # e.g. the single-sided default's buyer: does the trained seller beat it?
+        folder = Path(path) / "adapter" if (Path(path) / "adapter").is_dir() else Path(path)
+        label = "buyer:" + "/".join(Path(path).resolve().parts[-2:])
+        name = "".join(c if c.isalnum() else "_" for c in label)   # a peft adapter name: no dots
+        if name not in model.peft_config:
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            model.set_adapter(league.ADAPTERS["buyer"])
+        buyers[label] = name
     cells = {}
     for sname, adapter in sellers.items():
         seller = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base", ev.seed, 1)
@@ -1071,7 +1085,7 @@ def selfplay_crossplay(cfg, model, engine, train, test, snapshots: league.Snapsh
             if bname == "start" and sname == "base" and result.get("before"):
                 cells[(bname, sname)] = result["before"]
                 continue
-            label = f"cross_{bname}_{sname}".replace(" ", "_").replace(":", "_")
+            label = "".join(c if c.isalnum() else "_" for c in f"cross_{bname}_{sname}")
             cells[(bname, sname)] = evaluate_policy(cfg, model, engine, test, label, on, None, seller=seller,
                                                     seller_name=sname)
     table = {"buyers": list(buyers), "sellers": list(sellers)}

@@ -223,9 +223,21 @@ def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
     assert (step / "adapter" / "adapter_model.safetensors").exists()
     assert (step / "seller_adapter" / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["buyer_step_000001", "seller_step_000002"]
-    r = subprocess.run(common + ["train.steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_vars)
+    # the resumed launch also ends with the cross-play table, a single-sided buyer (its own step 2) in it
+    first = tmp_path / "buyer_ckpt"
+    __import__("shutil").copytree(step, first)
+    r = subprocess.run([x for x in common if not x.startswith("eval.")] +
+                       ["train.steps=3", "eval.episodes_per_product=1", "eval.products=2",
+                        "eval.best_response_products=2", f"eval.crossplay_buyers=[{first}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_vars)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    cross = json.loads((out / "final_eval.json").read_text())["crossplay"]
+    assert cross["buyers"] == ["start", "trained", f"buyer:{tmp_path.name}/buyer_ckpt"]
+    assert cross["sellers"] == ["base", "scripted:family", "trained seller", "seller snapshot 2"]
+    assert all(len(row) == 4 and all(-1 <= x <= 1 for x in row) for row in cross["buyer_reward"])
+    assert set(cross["exploitability"]) == set(cross["sellers"]) and cross["below_cost_deals"] == 0
+    assert "buyer's reward (rows: buyers; columns: sellers)" in r.stdout
 
 
 def test_crossplay_table_by_hand():
