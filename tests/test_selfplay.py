@@ -255,6 +255,7 @@ def test_crossplay_table_by_hand():
     assert t["seller_mean_reward"] == {"s1": pytest.approx(0.45), "s2": pytest.approx(0.25)}
 
 
+@pytest.mark.slow
 def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
     """engine.kind=vllm, sync_strategy=adapter: the buyer's and the seller's adapters are synced after the steps
     they learn in and each is checked by its own freshness probe; snapshots become LoRA slots (max_loras)."""
