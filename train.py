@@ -658,11 +658,10 @@ def league_player(cfg, engine, role: str, key: str, seed: int, group_size: int |
     return player
 
 
-def selfplay_metrics(games, pairings: list[dict], G: int) -> dict:
+def selfplay_metrics(games, pairings: list[dict], seller: Side) -> dict:
     """The seller's reward over all of the step's episodes (rank 0's view of every rank), and the share of groups
     each kind of opponent played, per role."""
-    scores = [reward.seller_score(g.outcome.budget, g.outcome.cost, g.outcome.price, g.outcome.interventions)
-              for g in games]
+    scores = seller.rewards(games).tolist()
     everything = [x for part in gather_objects(scores) for x in part]
     pairs = [p for part in gather_objects(pairings) for p in part]
     kind = lambda key: key.split("@")[0] if "@" in key else key  # noqa: E731  (a snapshot: its role)
@@ -780,12 +779,11 @@ def make_side(cfg, model, role: str, params: list) -> Side:
                 cfg.seller.max_tokens, penalty=sp.intervention_penalty)
 
 
-def train_side(model, side: Side, games: list, rows: list[int], cfg, pad_id, device, step: int):
-    """Steps 2-3 for one side: rewards -> group advantages over all of this rank's games (groups of G), then its
-    old log-probs and optimiser updates on `rows` (the games it played as the learner). Returns
-    (advantages, stats, maxes, grad norms, skipped updates)."""
+def train_side(model, side: Side, games: list, rows: list[int], adv, cfg, pad_id, device, step: int):
+    """Step 3 for one side: its old log-probs and optimiser updates on `rows` (the games it played as the learner),
+    with the advantages `adv` of all of this rank's games [n_local]. Returns (stats, maxes, grad norms, skipped
+    updates)."""
     t = cfg.train
-    adv = group_advantages(side.rewards(games), cfg.rollout.group_size, t.adv_scale)            # [n_local]
     convs = [g.state.get(side.role) for g in games]  # token ids + its mask + engine log-probs, as generated
     rows = [i for i in rows if isinstance(convs[i], env.Conversation)]  # (a seller the buyer never let speak)
     stats, grad_norms, skipped = {}, [], 0
@@ -809,7 +807,7 @@ def train_side(model, side: Side, games: list, rows: list[int], cfg, pad_id, dev
                                  f"row had a NaN/inf loss or gradient (grad norm {grad_norm}); the weights are still "
                                  f"those of the last good update and nothing was saved from this state. Lower "
                                  f"train.lr or train.grad_clip, or read the episodes in transcripts.jsonl.")
-    return adv, stats, maxes, grad_norms, skipped
+    return stats, maxes, grad_norms, skipped
 
 
 class Abandon(Exception):
@@ -893,7 +891,8 @@ def update(model, side, convs, rows, adv, old, ref, cfg, pad_id, device, stats, 
     """One optimiser update of `side` on the episodes `rows` (this rank's part of the batch); adds loss, clip,
     ratio, KL and importance-weight statistics to stats / maxes. Returns (grad norm, skipped). Every rank calls it
     the same number of times (it holds the gradient all-reduce)."""
-    t, temperature, params, optimizer, scheduler = cfg.train, side.temperature, side.params, side.optimizer, side.scheduler
+    t, temperature = cfg.train, side.temperature
+    params, optimizer, scheduler = side.params, side.optimizer, side.scheduler
     max_tokens = t.dr_grpo_max_tokens or side.max_tokens * cfg.rollout.max_rounds
     batches = micro_batches(convs, rows, t.micro_batch_tokens, pad_id, device)
     # Each micro-batch's loss is weighted by its share of the global batch (tokens for "token", sequences for
@@ -1180,23 +1179,49 @@ def _fmt(x) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# main
+# The run: what it holds, how it starts, one step in five parts
 
 
-def main(argv: list[str] | None = None) -> dict:
+@dataclass
+class Run:
+    """What a run holds from step to step (start_run builds it)."""
+    cfg: object
+    device: torch.device
+    model: object                # the peft model (FSDP2-sharded or not)
+    tokenizer: object
+    engine: object               # HFEngine or VLLMEngine
+    sides: dict                  # role -> Side: the buyer; with self-play also the seller
+    snapshots: object            # league.Snapshots with self-play, else None
+    probes: dict                 # role -> the vLLM freshness probe of that side's adapter ({} on the HF engine)
+    endpoint: object             # a chat seller's endpoint, or None
+    logs: Loggers
+    train: list                  # the train products (the held-out ones are never trained on)
+    test: list
+    sleeps: bool                 # vLLM sleeps while the trainer works (GPU only)
+    any_pending: object          # ranks that share a tensor-parallel engine decide together (None otherwise)
+
+    @property
+    def per_rank(self) -> int:
+        return self.cfg.rollout.products_per_step // world()
+
+
+def read_config(argv: list[str] | None) -> tuple:
+    """Config: every value checked before anything heavy. Returns (cfg, world size)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         raise SystemExit("usage: [torchrun --nproc_per_node N] train.py CONFIG.yaml [key=value ...]")
-
-    # ---- config: every value checked before anything heavy ---------------------------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(argv[0], argv[1:])
         cfg.validate(world_size)
     except ConfigError as e:
         raise SystemExit(f"train.py: {e}") from None
+    return cfg, world_size
 
-    # ---- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK --------------------------------------------
+
+def start_distributed(cfg, world_size: int) -> tuple:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: the device, the process group, the run folder, the signal
+    handlers and the host-memory check. Returns (device, cuda)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
@@ -1221,36 +1246,41 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"train.py: {e}") from None
     if notice:
         print0(notice)
+    return device, cuda
 
-    # ---- data: the held-out split is never trained on ----------------------------------------------------------
+
+def load_data(cfg) -> tuple[list, list]:
+    """The train and held-out products; the held-out split is never trained on."""
     try:
         scenarios = data.load_scenarios(cfg.data.path or None, budget_factor=cfg.data.budget_factor)
         train, test = data.split_scenarios(scenarios, seed=cfg.data.split_seed, test_size=cfg.data.test_size)
     except (OSError, ValueError) as e:  # data.DataError is a ValueError
         raise SystemExit(f"train.py: data: {e}") from None
-    per_rank = cfg.rollout.products_per_step // world()
     print0(f"data: {len(train)} train / {len(test)} test products; {cfg.rollout.products_per_step} products x "
            f"{cfg.rollout.group_size} episodes per step over {world()} rank(s)")
+    return train, test
 
-    # ---- model, optimiser, engine, seller ----------------------------------------------------------------------
+
+def start_run(cfg, device, cuda: bool, train, test) -> tuple[Run, int]:
+    """Model, sides (adapter + optimiser each), engine, resume, probes, seller endpoint, logs. Returns (the run,
+    the step it starts at)."""
     import model as model_lib
     model, tokenizer = model_lib.load_policy(cfg.model, str(device), verbose=rank() == 0)
     if dist.is_initialized():  # identical replicas from the start, whatever the loader did (as DDP does)
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
-    t = cfg.train
     selfplay = cfg.selfplay.mode != "off"
     if selfplay:  # the seller learns back: its own adapter on the same base (league.py), sharded with the rest
         league.add_seller_adapter(model, cfg.seed)
-    if t.sharding == "fsdp2" and world() > 1:  # the bf16 base, LoRA and AdamW sharded over the ranks
+    if cfg.train.sharding == "fsdp2" and world() > 1:  # the bf16 base, LoRA and AdamW sharded over the ranks
         shard(model)
         if cuda:  # the full copy each rank loaded (57 GiB for the 30B) stays cached by PyTorch's allocator unless
             torch.cuda.empty_cache()  # returned: vLLM sizes its share from the device's free memory
-    elif t.sharding == "fsdp2":
+    elif cfg.train.sharding == "fsdp2":
         print0("train.sharding=fsdp2 with one rank: nothing to shard over; training unsharded")
-    sides = {"buyer": make_side(cfg, model, "buyer", [p for p in model.parameters() if p.requires_grad])}
     # (under FSDP2 the buyer's params are this rank's shards, DTensors)
+    sides = {"buyer": make_side(cfg, model, "buyer", [p for p in model.parameters() if p.requires_grad])}
     # The engine first: vLLM reseeds the process's global RNGs when it starts (random, numpy, torch, with the
     # engine's seed), so it must start before the per-rank seeding below and before a resume restores them.
     engine = build_engine(cfg, model, tokenizer)
@@ -1268,121 +1298,173 @@ def main(argv: list[str] | None = None) -> dict:
         if snapshots is not None:
             snapshots.restore(start_step)
         print0(f"resumed from {resume_from} (step {start_step}, data position {state['data_position']})")
-    for role in sides:  # the engine generates with the (possibly resumed) policy from the first rollout on
-        engine.sync(model, sides[role].adapter)
-    probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if cfg.engine.kind == "vllm" else None
-    seller_probe = freshness_probe(tokenizer, train[0], cfg.rollout.style) if probe and selfplay else None
-    sleeps = cfg.engine.kind == "vllm" and cfg.engine.sleep and torch.cuda.is_available()
+    for side in sides.values():  # the engine generates with the (possibly resumed) policy from the first rollout on
+        engine.sync(model, side.adapter)
+    probes = {r: freshness_probe(tokenizer, train[0], cfg.rollout.style) for r in sides} \
+        if cfg.engine.kind == "vllm" else {}
     endpoint = None
     if cfg.seller.kind == "chat":
         from engine import ChatEndpoint
         endpoint = ChatEndpoint(cfg.seller.url, cfg.seller.model, api_key_env=cfg.seller.api_key_env)
         endpoint.check()
-    logs = Loggers(cfg, start_step)
-    pad_id = tokenizer.pad_token_id
-    any_pending = engine_any_pending(engine, device)  # None unless ranks share a tensor-parallel engine
+    run = Run(cfg, device, model, tokenizer, engine, sides, snapshots, probes, endpoint, Loggers(cfg, start_step),
+              train, test, sleeps=cfg.engine.kind == "vllm" and cfg.engine.sleep and torch.cuda.is_available(),
+              any_pending=engine_any_pending(engine, device))  # None unless ranks share a tensor-parallel engine
+    return run, start_step
 
-    before = None
-    if cfg.eval.episodes_per_product > 0:  # the starting policy, measured once and kept for resumed runs
-        path = Path(cfg.out_dir) / "eval_before.json"
-        if start_step == 0 or not path.exists():
-            if start_step > 0:
-                print0("note: no eval_before.json in the run folder; 'before' is measured on the resumed policy")
-            before = evaluate_policy(cfg, model, engine, test, "before", True, endpoint)
-            if rank() == 0:
-                path.write_text(json.dumps(before, indent=2) + "\n")
-        else:
-            before = json.loads(path.read_text())
 
-    # ---- the loop ---------------------------------------------------------------------------------------------
+def evaluate_before(run: Run, start_step: int) -> dict | None:
+    """The starting policy on the held-out products, measured once and kept (eval_before.json) for resumed runs."""
+    cfg = run.cfg
+    if cfg.eval.episodes_per_product <= 0:
+        return None
+    path = Path(cfg.out_dir) / "eval_before.json"
+    if start_step > 0 and path.exists():
+        return json.loads(path.read_text())
+    if start_step > 0:
+        print0("note: no eval_before.json in the run folder; 'before' is measured on the resumed policy")
+    before = evaluate_policy(cfg, run.model, run.engine, run.test, "before", True, run.endpoint)
+    if rank() == 0:
+        path.write_text(json.dumps(before, indent=2) + "\n")
+    return before
+
+
+def grpo_step(run: Run, step: int) -> dict | None:
+    """One GRPO step in five parts; returns its metrics, or None when a stop signal arrived during the rollouts
+    (the step is dropped and the state before it saved)."""
+    cfg, model, G = run.cfg, run.model, run.cfg.rollout.group_size
+    learning = [run.sides[r] for r in league.learning_roles(cfg.selfplay.mode, step, cfg.selfplay.switch_every)]
+
+    # 1. rollouts: this rank's products, G episodes each (consecutive), against the seller (or the league)
+    t0 = time.perf_counter()
+    games, pairings = play_rollouts(run, step, learning)
+    if games is None:  # the weights are still those after `step` steps: save that state
+        save_checkpoint(cfg, model, run.sides, step)
+        return None
+    times = {"rollout": time.perf_counter() - t0}
+
+    # 2. rewards -> advantages, per side that learns now, per group of G episodes of one product
+    advantages = {x.role: group_advantages(x.rewards(games), G, cfg.train.adv_scale) for x in learning}  # [n_local]
+
+    # 3. each side's current ("old") log-probs of the tokens it generated, then its optimiser updates
+    t1 = time.perf_counter()
+    if run.sleeps:
+        run.engine.sleep()  # vLLM frees the GPU while the trainer works
+    trained = {x.role: train_side(model, x, games, league.trained_rows(pairings, x.role, G), advantages[x.role], cfg,
+                                  run.tokenizer.pad_token_id, run.device, step) for x in learning}
+    times["train"] = time.perf_counter() - t1
+
+    # 4. the engine gets the new weights (HF: it shares them; vLLM: wake up, load, check with a probe)
+    t2 = time.perf_counter()
+    sync_engine(run, trained, times)
+    times["sync"] = time.perf_counter() - t2
+    times["step"] = time.perf_counter() - t0
+
+    # 5. metrics over all ranks, logs, snapshots
+    metrics = log_step(run, step, games, pairings, advantages, trained, times)
+    if run.snapshots is not None and (step + 1) % cfg.selfplay.snapshot_every == 0:
+        for role in run.sides:   # a side's snapshot only if it learned since its last one
+            if any(role in league.learning_roles(cfg.selfplay.mode, k, cfg.selfplay.switch_every)
+                   for k in range(step + 1 - cfg.selfplay.snapshot_every, step + 1)):
+                run.snapshots.take(role, step + 1, write=rank() == 0)
+    return metrics
+
+
+def play_rollouts(run: Run, step: int, learning: list[Side]) -> tuple:
+    """Step 1: (games, each group's pairing), or (None, None) when a stop signal arrived. Single-sided, the buyer
+    plays the configured seller; with self-play each group's opponent is drawn from the league."""
+    cfg, G, per_rank = run.cfg, run.cfg.rollout.group_size, run.per_rank
+    products = step_products(run.train, step, cfg.rollout.products_per_step, cfg.seed)[rank() * per_rank:][:per_rank]
+    seed = rollout_seed(cfg.seed, step, rank())
+    if run.snapshots is None:  # the paper: the buyer learns against the configured seller
+        pairings = [{"buyer": "learner", "seller": cfg.seller.kind}] * per_rank
+        buyer, seller = build_buyer(cfg, run.engine, seed), build_seller(cfg, run.engine, run.endpoint, seed + 500, G)
+    else:
+        pairings = league.draw_pairings([x.role for x in learning], per_rank, league.league_weights(cfg.selfplay),
+                                        run.snapshots.names(), seed)
+        buyer, seller = league_players(cfg, run.engine, pairings, seed)
+    try:
+        with generation_weights(cfg, run.model):  # HF engine on a sharded trainer: the whole model on every rank
+            games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
+                             on_round=abandon_if_stopping(run.any_pending), any_pending=run.any_pending)
+        abandoned = False
+    except Abandon:
+        abandoned = True
+    return (None, None) if any_rank(abandoned, run.device) else (games, pairings)
+
+
+def sync_engine(run: Run, trained: dict, times: dict) -> None:
+    """Step 4 on vLLM: wake up, load the adapters of the sides that learned, and check each with its probe (the
+    engine's and the trainer's scores of a fixed sequence; a stale engine raises)."""
+    if run.cfg.engine.kind != "vllm":
+        return
+    import vllm_engine
+    if run.sleeps:
+        run.engine.wake_up()
+    for role in trained:
+        run.engine.sync(run.model, run.sides[role].adapter)
+    for role, probe in run.probes.items():   # the buyer's every step (its adapter must not move when it did not
+        if role == "buyer" or role in trained:   # learn); the seller's on the steps it learned
+            adapter = run.sides[role].adapter
+            active = nullcontext() if role == "buyer" else active_adapter(run.model, adapter)
+            trainer_scores = lambda ids: vllm_engine.token_logprobs(run.model, ids)  # noqa: E731
+            with active:
+                gap = vllm_engine.check_freshness(run.engine, probe, trainer_scores, role == "buyer" or adapter)
+            times["probe_gap" if role == "buyer" else "seller_probe_gap"] = gap
+
+
+def log_step(run: Run, step: int, games, pairings, advantages: dict, trained: dict, times: dict) -> dict:
+    """Step 5: the metrics.jsonl line (the episodes of every rank, each learning side's training statistics with
+    the seller's prefixed "seller/"), a few transcripts, the progress bar's numbers."""
+    cfg, device, G = run.cfg, run.device, run.cfg.rollout.group_size
+    convs = lambda r: [g.state[r] for g in games if isinstance(g.state.get(r), env.Conversation)]  # noqa: E731
+    counts, _ = reduce_stats({"sequence_tokens": sum(len(c.ids) for c in convs("buyer")),
+                              "generated_tokens": sum(sum(c.mask) for r in league.ROLES for c in convs(r))}, {}, device)
+    episodes = [e for part in gather_objects([episode_stats(g.outcome) for g in games]) for e in part]
+    metrics = step_metrics(step + 1, episodes, counts, times, device)
+    for role, (stats, maxes, grad_norms, skipped) in trained.items():
+        stats, maxes = reduce_stats(stats, maxes, device)
+        prefix = "" if role == "buyer" else "seller/"
+        metrics |= {prefix + k: v for k, v in side_metrics(stats, maxes, grad_norms, skipped,
+                                                           run.sides[role].scheduler).items()}
+    if run.snapshots is not None:
+        metrics |= selfplay_metrics(games, pairings, run.sides["seller"])
+    probe = run.probes.get("buyer")
+    metrics |= {"probe_trainer_moved": getattr(probe, "trainer_moved", None),  # how far each side's scores
+                "probe_engine_moved": getattr(probe, "engine_moved", None)}   # of the probe moved this step
+    adv = next(iter(advantages.values()))
+    transcripts = [{"step": step + 1, "group": k, "advantage": adv[k * G].item()} |
+                   ({"pairing": pairings[k]} if run.snapshots is not None else {}) | games[k * G].outcome.to_dict()
+                   for k in range(min(cfg.log.transcripts_per_step, run.per_rank))]
+    run.logs.log(metrics, transcripts)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, world_size = read_config(argv)
+    device, cuda = start_distributed(cfg, world_size)
+    train, test = load_data(cfg)
+    run, start_step = start_run(cfg, device, cuda, train, test)
+    before = evaluate_before(run, start_step)
+
     from tqdm import tqdm
-    bar = tqdm(total=t.steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True,
                disable=rank() != 0 or not cfg.log.progress)
     metrics: dict = {}
-    G = cfg.rollout.group_size
-    for step in range(start_step, t.steps):
-        # 1. rollouts: this rank's products, G episodes each (consecutive), against the seller
-        t0 = time.perf_counter()
-        products = step_products(train, step, cfg.rollout.products_per_step, cfg.seed)[rank() * per_rank:][:per_rank]
-        seed = rollout_seed(cfg.seed, step, rank())
-        learning = [sides[r] for r in league.learning_roles(cfg.selfplay.mode, step, cfg.selfplay.switch_every)]
-        if snapshots is None:  # the paper: the buyer learns against the configured seller
-            pairings = [{"buyer": "learner", "seller": cfg.seller.kind}] * per_rank
-            buyer, seller = build_buyer(cfg, engine, seed), build_seller(cfg, engine, endpoint, seed + 500, G)
-        else:  # self-play: each group's opponent drawn from the league
-            pairings = league.draw_pairings([x.role for x in learning], per_rank, league.league_weights(cfg.selfplay),
-                                            snapshots.names(), seed)
-            buyer, seller = league_players(cfg, engine, pairings, seed)
-        try:
-            with generation_weights(cfg, model):  # HF engine on a sharded trainer: the whole model on every rank
-                games = env.play([p for p in products for _ in range(G)], buyer, seller, cfg.rollout.max_rounds,
-                                 on_round=abandon_if_stopping(any_pending), any_pending=any_pending)
-            abandoned = False
-        except Abandon:
-            abandoned = True
-        if any_rank(abandoned, device):  # the weights are still those after `step` steps: save that state
-            save_checkpoint(cfg, model, sides, step)
+    for step in range(start_step, cfg.train.steps):
+        metrics = grpo_step(run, step)
+        if metrics is None:  # stopped during the rollouts (saved)
             break
-        t_rollout = time.perf_counter() - t0
-
-        # 2.-3. for each side that learns now: rewards -> advantages per group of G episodes of one product, the
-        # current ("old") log-probs of the tokens it generated, then its optimiser updates (train_side)
-        t1 = time.perf_counter()
-        if sleeps:
-            engine.sleep()  # vLLM frees the GPU while the trainer works
-        trained = {x.role: train_side(model, x, games, league.trained_rows(pairings, x.role, G), cfg, pad_id, device,
-                                      step) for x in learning}
-        times = {"rollout": t_rollout, "train": time.perf_counter() - t1}
-
-        # 4. the engine gets the new weights (HF: it shares them; vLLM: wake up, load, check with a probe)
-        t2 = time.perf_counter()
-        if cfg.engine.kind == "vllm":
-            import vllm_engine
-            if sleeps:
-                engine.wake_up()
-            for role in trained:   # the sides that learned this step
-                engine.sync(model, sides[role].adapter)
-            times["probe_gap"] = vllm_engine.check_freshness(
-                engine, probe, lambda ids: vllm_engine.token_logprobs(model, ids))
-            if "seller" in trained:   # the seller's adapter gets the same check, on a probe of its own
-                with active_adapter(model, sides["seller"].adapter):
-                    times["seller_probe_gap"] = vllm_engine.check_freshness(
-                        engine, seller_probe, lambda ids: vllm_engine.token_logprobs(model, ids), sides["seller"].adapter)
-        times["sync"] = time.perf_counter() - t2
-        times["step"] = time.perf_counter() - t0
-
-        # 5. metrics over all ranks, logs, snapshots, checkpoint
-        counts, _ = reduce_stats({"sequence_tokens": sum(len(g.state["buyer"].ids) for g in games
-                                                         if isinstance(g.state.get("buyer"), env.Conversation)),
-                                  "generated_tokens": sum(sum(g.state[r].mask) for g in games for r in league.ROLES
-                                                          if isinstance(g.state.get(r), env.Conversation))}, {}, device)
-        episodes = [e for part in gather_objects([episode_stats(g.outcome) for g in games]) for e in part]
-        metrics = step_metrics(step + 1, episodes, counts, times, device)
-        for role, (adv, stats, maxes, grad_norms, skipped) in trained.items():
-            stats, maxes = reduce_stats(stats, maxes, device)
-            prefix = "" if role == "buyer" else "seller/"
-            metrics |= {prefix + k: v for k, v in side_metrics(stats, maxes, grad_norms, skipped,
-                                                               sides[role].scheduler).items()}
-        if snapshots is not None:
-            metrics |= selfplay_metrics(games, pairings, G)
-        metrics |= {"probe_trainer_moved": getattr(probe, "trainer_moved", None),  # how far each side's scores
-                    "probe_engine_moved": getattr(probe, "engine_moved", None)}   # of the probe moved this step
-        first = next(iter(trained.values()))[0]
-        transcripts = [{"step": step + 1, "group": k, "advantage": first[k * G].item()} |
-                       ({"pairing": pairings[k]} if snapshots is not None else {}) | games[k * G].outcome.to_dict()
-                       for k in range(min(cfg.log.transcripts_per_step, per_rank))]
-        logs.log(metrics, transcripts)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", deal=f"{metrics['deal_rate']:.2f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if snapshots is not None and (step + 1) % cfg.selfplay.snapshot_every == 0:
-            for role in sides:   # a side's snapshot only if it learned since its last one
-                if any(role in league.learning_roles(cfg.selfplay.mode, k, cfg.selfplay.switch_every)
-                       for k in range(step + 1 - cfg.selfplay.snapshot_every, step + 1)):
-                    snapshots.take(role, step + 1, write=rank() == 0)
         stopping = any_rank(STOP["signal"] is not None, device)
-        if stopping or step + 1 == t.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(cfg, model, sides, step + 1)
+        if stopping or step + 1 == cfg.train.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(cfg, run.model, run.sides, step + 1)
         if stopping:
             break
     bar.close()
@@ -1391,8 +1473,10 @@ def main(argv: list[str] | None = None) -> dict:
         print0(f"stopped by signal {STOP['signal']}; checkpoint saved in {cfg.out_dir}; rerun the same command to resume")
         leave_process_group(cfg, world_size)
         sys.exit(128 + STOP["signal"])
+    metrics = metrics or {}
     if cfg.eval.episodes_per_product > 0:
-        metrics["final_eval"] = final_evaluation(cfg, model, engine, train, test, endpoint, before, snapshots)
+        metrics["final_eval"] = final_evaluation(cfg, run.model, run.engine, train, test, run.endpoint, before,
+                                                 run.snapshots)
     leave_process_group(cfg, world_size)
     return metrics
 
