@@ -118,7 +118,7 @@ def final_eval_table(final: dict) -> tuple[list[str], list[list[str]]]:
     """train.py's final_eval.json: {"before", "after", "scripted"} summaries of the held-out evaluation."""
     head = ["policy", "episodes", "reward [95% CI]"] + [c[0] for c in COLUMNS[1:7]]
     rows = [[name, str(m.get("episodes", "")), fmt_ci(m)] + [fmt(m.get(k), f) for _, k, f in COLUMNS[1:7]]
-            for name, m in final.items() if m]
+            for name, m in final.items() if m and "reward" in m]   # (not the generalisation / cross-play parts)
     return head, rows
 
 

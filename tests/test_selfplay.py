@@ -279,3 +279,27 @@ def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
     assert metrics[0]["league/seller_current"] == 1 and metrics[1]["league/buyer_snapshot"] == 1
     assert metrics[2]["league/seller_snapshot"] == 1
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["buyer_step_000003", "seller_step_000002"]
+
+
+def test_the_report_of_a_crossplay_run_with_a_selfplay_training_run(tmp_path):
+    """report.py on a cross-play metrics dict and a self-play run's final_eval.json (crossplay inside): the
+    markdown and HTML carry the table, the heat map and both sides' curves, and the run's summaries only."""
+    import report
+    cross = {
+        "buyers": ["b1"], "sellers": ["s1", "s2"], "buyer_reward": [[0.4, 0.2]],
+        "buyer_reward_ci95": [[[0.3, 0.5], [0.1, 0.3]]], "seller_reward": [[0.3, 0.5]],
+        "seller_reward_ci95": [[[0.2, 0.4], [0.4, 0.6]]], "deal_rate": [[0.8, 0.7]], "episodes": [[4, 4]],
+        "worst_buyer_reward": {"b1": 0.2}, "seller_mean_reward": {"s1": 0.3, "s2": 0.5},
+        "exploitability": {"s1": {"schedule": [0, 0, 0, 0, 2, 7], "reward": 0.44, "deal_rate": 0.85,
+                                  "candidates": 8}}}
+    summary = {"episodes": 4, "reward": 0.3, "reward_ci95": [0.2, 0.4]}
+    metrics = {"run": {}, "rows": [], "crossplay": cross}
+    steps = [{"step": k, "reward": 0.3, "seller/reward": 0.4, "seller/grad_norm": 0.01 if k > 5 else None}
+             for k in range(1, 11)]
+    training = {"dir": "runs/x", "steps": steps, "final_eval": {"before": summary, "after": summary,
+                                                                "crossplay": cross}}
+    md = report.markdown_report(metrics)
+    assert "## Cross-play" in md and "| b1 | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] | 0.200 |" in md
+    assert "aaaach" in md
+    page = report.html_report(metrics, [], training)
+    assert "id='crossplay'" in page and page.count("<svg") >= 3   # heat map, training curves, both sides' curves
