@@ -322,17 +322,24 @@ def crossplay_table(records: list[dict], buyers: list[str], sellers: list[str]) 
     """The cross-play table: each buyer's mean reward against each seller and each seller's mean reward
     (reward.seller_score) against each buyer, over all its personas' episodes, with bootstrap intervals over
     products; per buyer its worst reward over the sellers, per seller its mean over the buyers."""
-    cells = [[summarize_with_ci([r for r in records if r["buyer"] == b and r["seller"] == s and r.get("error") is None])
-              for s in sellers] for b in buyers]
-    pick = lambda key: [[c.get(key) for c in row] for row in cells]  # noqa: E731
-    buyer_reward = pick("reward")
+    cells = {(b, s): summarize_with_ci([r for r in records if r["buyer"] == b and r["seller"] == s
+                                        and r.get("error") is None]) for b in buyers for s in sellers}
+    return table_of_cells(cells, buyers, sellers)
+
+
+def table_of_cells(cells: dict, buyers: list[str], sellers: list[str]) -> dict:
+    """The cross-play table from one summarize_with_ci per (buyer, seller): also how train.py's self-play run
+    writes its own."""
+    pick = lambda key: [[cells[(b, s)].get(key) for s in sellers] for b in buyers]  # noqa: E731
+    buyer_reward, seller_reward = pick("reward"), pick("seller_reward")
     return {"buyers": buyers, "sellers": sellers, "buyer_reward": buyer_reward,
-            "buyer_reward_ci95": pick("reward_ci95"), "seller_reward": pick("seller_reward"),
+            "buyer_reward_ci95": pick("reward_ci95"), "seller_reward": seller_reward,
             "seller_reward_ci95": pick("seller_reward_ci95"), "deal_rate": pick("deal_rate"),
             "episodes": pick("episodes"),
             "worst_buyer_reward": {b: min(row) for b, row in zip(buyers, buyer_reward)},
-            "seller_mean_reward": {s: sum(row[j] for row in pick("seller_reward")) / len(buyers)
-                                   for j, s in enumerate(sellers)}}
+            "seller_mean_reward": {s: sum(row[j] for row in seller_reward) / len(buyers)
+                                   for j, s in enumerate(sellers)},
+            "below_cost_deals": sum(c.get("below_cost_deals", 0) for c in cells.values())}
 
 
 def schedule_shortlist(search: list[data.Scenario], test: list[data.Scenario], max_rounds: int, keep: int = 4,
@@ -357,14 +364,17 @@ def exploitability(args, engine, sellers: list[dict], scenarios: list[data.Scena
                                     seed=args.split_seed, test_size=args.test_size)
     search = train[:search_products]
     shortlist = schedule_shortlist(search, scenarios, args.max_rounds)
-    out = {}
-    for x in sellers:
-        seller = make_seller(args, engine, {}, x["personas"][0], x)
-        found = best_fixed_schedule(seller, search, scenarios, args.max_rounds,
-                                    candidates=None if x["kind"] == "scripted" else shortlist)
-        out[x["name"]] = {"schedule": found["schedule"], "reward": found["test"]["reward"],
-                          "deal_rate": found["test"]["deal_rate"], "candidates": found["candidates"]}
-    return out
+    return {x["name"]: exploitability_of(make_seller(args, engine, {}, x["personas"][0], x), search, scenarios,
+                                         args.max_rounds, shortlist) for x in sellers}
+
+
+def exploitability_of(seller, search, test, max_rounds: int, shortlist: list[tuple]) -> dict:
+    """One seller's best response by search (best_fixed_schedule: all schedules against a scripted seller, the
+    shortlist against a model), summarised: its schedule, reward and deal rate on `test`, candidates searched."""
+    found = best_fixed_schedule(seller, search, test, max_rounds,
+                                candidates=None if isinstance(seller, env.ScriptedSeller) else shortlist)
+    return {"schedule": found["schedule"], "reward": found["test"]["reward"], "deal_rate": found["test"]["deal_rate"],
+            "candidates": found["candidates"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

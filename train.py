@@ -1072,11 +1072,14 @@ def selfplay_crossplay(cfg, model, engine, train, test, snapshots: league.Snapsh
             model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             model.set_adapter(league.ADAPTERS["buyer"])
         buyers[label] = name
-    cells = {}
-    for sname, adapter in sellers.items():
-        seller = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base", ev.seed, 1)
+    players = {}
+    for sname, adapter in sellers.items():   # one player per seller serves its cells and its search
+        players[sname] = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base",
+                                       ev.seed, 1)
         if adapter != "scripted":
-            seller.adapter = adapter
+            players[sname].adapter = adapter
+    cells = {}
+    for sname, seller in players.items():
         for bname, on in buyers.items():
             if bname == "trained" and sname == "base":
                 cells[(bname, sname)] = result["after"]   # already measured: the same seeds and products
@@ -1087,30 +1090,15 @@ def selfplay_crossplay(cfg, model, engine, train, test, snapshots: league.Snapsh
             label = "".join(c if c.isalnum() else "_" for c in f"cross_{bname}_{sname}")
             cells[(bname, sname)] = evaluate_policy(cfg, model, engine, test, label, on, None, seller=seller,
                                                     seller_name=sname)
-    table = {"buyers": list(buyers), "sellers": list(sellers)}
-    for key in ("reward", "reward_ci95", "seller_reward", "seller_reward_ci95", "deal_rate", "episodes"):
-        table["buyer_" + key if key.startswith("reward") else key] = [[cells[(b, x)].get(key) for x in sellers]
-                                                                     for b in buyers]
-    table["worst_buyer_reward"] = {b: min(row) for b, row in zip(buyers, table["buyer_reward"])}
-    table["seller_mean_reward"] = {x: sum(row[j] for row in table["seller_reward"]) / len(buyers)
-                                   for j, x in enumerate(sellers)}
-    table["below_cost_deals"] = sum(c.get("below_cost_deals", 0) for c in cells.values())
+    table = evaluation.table_of_cells(cells, list(buyers), list(sellers))
     if ladder:
         search = train[:ev.best_response_products]
         held_out = evaluation.pick_products(test, ev.products or None)
         shortlist = evaluation.schedule_shortlist(search, held_out, cfg.rollout.max_rounds)
-        table["exploitability"] = {}
         with generation_weights(cfg, model):
-            for sname, adapter in sellers.items():
-                seller = league_player(cfg, engine, "seller", "scripted" if adapter == "scripted" else "base", ev.seed,
-                                       1)
-                if adapter != "scripted":
-                    seller.adapter = adapter
-                found = evaluation.best_fixed_schedule(seller, search, held_out, cfg.rollout.max_rounds,
-                                                       candidates=None if adapter == "scripted" else shortlist)
-                table["exploitability"][sname] = {"schedule": found["schedule"], "reward": found["test"]["reward"],
-                                                  "deal_rate": found["test"]["deal_rate"],
-                                                  "candidates": found["candidates"]}
+            table["exploitability"] = {sname: evaluation.exploitability_of(seller, search, held_out,
+                                                                           cfg.rollout.max_rounds, shortlist)
+                                       for sname, seller in players.items()}
     return table
 
 

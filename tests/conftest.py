@@ -16,6 +16,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from model import randomise_lora_b  # noqa: E402,F401  (one implementation; the tests import it from here)
 
 
+@contextmanager
+def one_thread():
+    """The test machine is shared: one intra-op thread is several times faster than two under load."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def scenarios():
     import data

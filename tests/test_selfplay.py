@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,13 @@ import env
 import eval as evaluation
 import league
 import train
+from conftest import one_thread, randomise_lora_b
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = str(ROOT / "configs" / "cpu.yaml")
 SELFPLAY = str(ROOT / "configs" / "cpu-selfplay.yaml")
 
 
-@contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,10 +84,7 @@ def two_sided(scenarios):
     with one_thread():
         model, tokenizer = model_lib.load_policy(cfg.model, "cpu", verbose=False)
     league.add_seller_adapter(model, 0)
-    with torch.no_grad():  # both adapters away from the base (B = 0 at the start), differently
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.add_(0.05 * torch.randn_like(p))
+    randomise_lora_b(model, std=0.05)  # both adapters away from the base (B = 0 at the start), differently
     engine = HFEngine(model, tokenizer)
     calls = {"buyer": [], "seller": []}
 

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import config
 import env
 import train
+from conftest import one_thread, randomise_lora_b
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -25,15 +25,6 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_run.json"
 TALKING = Path(__file__).resolve().parent / "golden" / "talking_model"
 
 
-@contextmanager
-def one_thread():
-    """The test machine is shared: one intra-op thread is several times faster than two under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_cli(*args, timeout=240, torchrun=False, background=False):
@@ -369,9 +360,7 @@ def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn, kl_coe
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kl_coef=kl_coef))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     saved = [p.detach().clone() for p in lora_b]
-    with torch.no_grad():  # LoRA B is zero at init: move the policy off the reference, so that the KL is not 0
-        for p in lora_b:
-            p.add_(0.01 * torch.randn_like(p))
+    randomise_lora_b(model, std=0.01)  # LoRA B is zero at init: move the policy off the reference (KL not 0)
     games, _, _ = multi_turn
     convs = [g.state["buyer"] for g in games]
     params = [p for p in model.parameters() if p.requires_grad]
