@@ -405,7 +405,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--ckpt", action="append", default=[], help="buyer: a checkpoint folder (LoRA adapter), 'base' (the base model, "
       "no adapter) or 'scripted' (OG-Narrator-style offers; with --style ladder the warm start's teachers, "
-      "env.LadderBuyer); repeat for a comparison table")
+      "env.LadderBuyer), or schedule:LETTERS (one fixed ladder schedule, a rung letter a..h per round, e.g. "
+      "schedule:aaaaag; the last letter repeats; --style ladder); repeat for a comparison table")
     a("--buyer-url", help="buyer: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     a("--buyer-model", help="the model name the buyer endpoint serves")
     a("--buyer-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the buyer endpoint's key")
@@ -589,6 +590,9 @@ def plan_buyers(args) -> list[dict]:
         if spec in ("base", "scripted"):
             buyers.append({"name": spec, "kind": spec})
             continue
+        if spec.startswith("schedule:"):
+            buyers.append({"name": spec, "kind": "schedule", "schedule": ladder_schedule(spec)})
+            continue
         adapter = find_adapter(spec)
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base and not args.base_model:
@@ -644,6 +648,9 @@ def resolve_settings(args, buyers: list[dict]) -> dict:
         sources[flag] = "checkpoint config.yaml" if values else "default"
     if args.style not in ("full", "compact", "ladder"):
         raise ValueError(f"--style {args.style!r}: use full, compact or ladder")
+    if args.style != "ladder" and any(b["kind"] == "schedule" for b in buyers):
+        raise ValueError(f"--ckpt schedule:... plays ladder rungs: it needs --style ladder (got {args.style!r}; a "
+                         f"ladder checkpoint's config sets it)")
     if args.quantization not in ("none", "4bit"):
         raise ValueError(f"--quantization {args.quantization!r}: use none or 4bit")
     return sources
@@ -734,7 +741,19 @@ def select_adapter(engine, buyer: dict) -> None:
         engine.model.set_adapter(buyer["name"])
 
 
+def ladder_schedule(spec: str) -> tuple[int, ...]:
+    """schedule:aaaaag -> the rung per round (0 = a); the rungs of env.LADDER."""
+    letters = spec.split(":", 1)[1].replace(",", "")
+    bad = sorted(set(letters) - set(env.LADDER_LETTERS))
+    if not letters or bad:
+        raise ValueError(f"--ckpt {spec}: a schedule is one rung letter per round, from "
+                         f"{env.LADDER_LETTERS[0]}..{env.LADDER_LETTERS[-1]} (e.g. schedule:aaaaag); got {bad or 'none'}")
+    return tuple(env.LADDER_LETTERS.index(c) for c in letters)
+
+
 def make_buyer(args, engine, endpoints: dict, buyer: dict):
+    if buyer["kind"] == "schedule":  # a fixed ladder schedule: how one best response fares against many sellers
+        return env.LadderBuyer([buyer["schedule"]], seed=args.seed)
     if buyer["kind"] == "scripted":
         return env.scripted_buyer(args.style, seed=args.seed)
     if buyer["kind"] == "endpoint":

@@ -144,6 +144,8 @@ def run_table(info: dict) -> list[tuple[str, str]]:
             detail = f"base model {p.get('base_model')} without adapter"
         elif b["kind"] == "scripted":
             detail = "scripted OG-Narrator-style buyer (bids 0.5 -> 1.0 x budget)"
+        elif b["kind"] == "schedule":
+            detail = "one fixed ladder schedule (a rung of the budget per round; the last repeats)"
         elif b["kind"] == "endpoint":
             detail = f"OpenAI-compatible endpoint {b['url']}, model {b['model']}"
         items.append((f"buyer {b['name']}", detail))

@@ -147,6 +147,31 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     assert evaluation.main(args + ["--resume"])["rows"] == metrics["rows"]  # nothing left to play
 
 
+def test_cli_fixed_schedule_buyer_plays_its_rungs(tmp_path):
+    """--ckpt schedule:aaaaag is env.LadderBuyer with that one schedule: the same games, rung for rung."""
+    out = tmp_path / "eval"
+    metrics = evaluation.main(["--ckpt", "schedule:aaaaag", "--ckpt", "schedule:h", "--seller", "scripted:hardliner",
+                               "--seller-jitter", "0.5", "--style", "ladder", "--products", "8", "--episodes", "2",
+                               "--out", str(out), "--no-progress"])
+    records = evaluation.read_records(out / "episodes.jsonl")
+    mine = [r for r in records if r["buyer"] == "schedule:aaaaag"]
+    assert len(mine) == 16 and {r["buyer"] for r in records} == {"schedule:aaaaag", "schedule:h"}
+    for r in mine:   # every BUY is rung a, but the last round's, which is rung g (0.85 of the budget)
+        bids = [t["action"] for t in r["transcript"] if t["role"] == "buyer"]
+        budget = r["scenario"]["budget"]
+        for k, action in enumerate(bids):
+            if action["kind"] == "BUY":
+                rung = "g" if k == 5 else "a"
+                assert action["price"] == env.ladder_prices(budget)[env.LADDER_LETTERS.index(rung)]
+    # the same games as the library's own ladder buyer with that schedule, episode for episode
+    scenarios = evaluation.pick_products(data.split_scenarios(data.load_scenarios(None), test_size=128)[1], 8)
+    again = evaluation.evaluate(env.LadderBuyer([(0, 0, 0, 0, 0, 6)]), env.ScriptedSeller("hardliner", jitter=0.5),
+                                scenarios, episodes_per_product=2, batch_size=64, buyer_name="schedule:aaaaag",
+                                seller_name="scripted:hardliner", persona="none", seed=0, progress=False)
+    assert [r["reward"] for r in again] == [r["reward"] for r in mine]
+    assert metrics["rows"][0]["buyer"] == "schedule:aaaaag"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "scripted", "--personas", "pirate"], "unknown persona 'pirate'"),
     (["--ckpt", "scripted", "--seller", "scripted", "--personas", "liar"], "scripted seller has no persona"),
@@ -155,6 +180,8 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     (["--ckpt", "scripted", "--seller", "base"], "pass --base-model"),
     (["--ckpt", "scripted", "--seller", "scripted", "--run", "/no/such/run"], "no metrics.jsonl there"),
     (["--ckpt", "scripted", "--seller", "scripted", "--products", "500"], "more than the 128 held-out products"),
+    (["--ckpt", "schedule:aaaaaz", "--seller", "scripted", "--style", "ladder"], "one rung letter per round"),
+    (["--ckpt", "schedule:aaaaag", "--seller", "scripted"], "it needs --style ladder"),
     (["--ckpt", "scripted", "--buyer-url", "http://127.0.0.1:9", "--buyer-model", "x", "--seller", "scripted"],
      "--buyer-url: chat endpoint http://127.0.0.1:9/v1 is unreachable"),
 ])
