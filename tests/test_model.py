@@ -122,10 +122,39 @@ def test_config_4bit_needs_bf16():
         ModelConfig(name="x", quantization="4bit", dtype="float32").validate()
 
 
-def test_attn_implementation_auto_is_sdpa_on_cpu(capsys):
-    assert model.pick_attn_implementation("auto", "cpu") == "sdpa"
+def test_attn_implementation_auto_is_grouped_sdpa_on_cpu(capsys):
+    assert model.pick_attn_implementation("auto", "cpu") == "sdpa_gqa"
+    assert model.pick_attn_implementation("sdpa", "cpu") == "sdpa"
     assert model.pick_attn_implementation("eager", "cpu") == "eager"
     assert capsys.readouterr().out == ""  # nothing to explain on CPU
+
+
+def test_grouped_sdpa_gives_sdpa_numbers_on_padded_batches_with_a_cache():
+    """The shipped warm start has 4 query and 2 key-value heads. Its logits on a left-padded batch, a decode step
+    on the KV cache, and the gradient reaching its weights are the same with sdpa_gqa as with transformers' sdpa
+    (which copies the keys and values per head), to float32 rounding: torch picks another CPU kernel for them."""
+    from transformers import DynamicCache
+    from engine import left_pad
+    torch.manual_seed(0)
+    models = {impl: model.load_base_model(ModelConfig(name="checkpoints/warmstart", dtype="float32",
+                                                      attn_implementation=impl), "cpu") for impl in ("sdpa", "sdpa_gqa")}
+    assert models["sdpa_gqa"].config.num_attention_heads == 2 * models["sdpa_gqa"].config.num_key_value_heads
+    prompts = [torch.randint(3, 700, (n,)).tolist() for n in (5, 40, 23, 1)]
+    ids, mask = left_pad(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    out = {}
+    for impl, m in models.items():
+        cache = DynamicCache()
+        first = m(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        step = m(input_ids=first.logits[:, -1].argmax(-1, keepdim=True),
+                 attention_mask=torch.cat([mask, mask.new_ones((4, 1))], 1), position_ids=positions[:, -1:] + 1,
+                 past_key_values=cache, use_cache=True)
+        real = mask.bool()
+        loss = first.logits[real].logsumexp(-1).sum()
+        loss.backward()
+        out[impl] = (first.logits[real], step.logits, m.model.layers[0].self_attn.k_proj.weight.grad)
+    for a, b in zip(out["sdpa"], out["sdpa_gqa"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_attn_implementation_auto_needs_flash_attn_and_its_cuda_extension(monkeypatch, capsys):
