@@ -73,7 +73,7 @@ def check_the_bar(out: Path) -> None:
 
 @pytest.mark.slow
 def test_cpu_default_learns(tmp_path, monkeypatch):
-    """The bar on the README's main command (17 min 21 s on 2 free AVX2 cores as measured; issue 12: at most 15)."""
+    """The bar on the README's main command (14 min 5 s on 2 free AVX2 cores as measured; issue 12: at most 15)."""
     import train
 
     monkeypatch.chdir(ROOT)
