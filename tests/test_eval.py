@@ -147,7 +147,7 @@ def test_cli_scripted_run_files_and_refusals(tmp_path, capsys):
     assert evaluation.main(args + ["--resume"])["rows"] == metrics["rows"]  # nothing left to play
 
 
-def test_cli_fixed_schedule_buyer_plays_its_rungs(tmp_path):
+def test_cli_fixed_schedule_buyer_plays_its_rungs(tmp_path, scenarios):
     """--ckpt schedule:aaaaag is env.LadderBuyer with that one schedule: the same games, rung for rung."""
     out = tmp_path / "eval"
     metrics = evaluation.main(["--ckpt", "schedule:aaaaag", "--ckpt", "schedule:h", "--seller", "scripted:hardliner",
@@ -164,9 +164,9 @@ def test_cli_fixed_schedule_buyer_plays_its_rungs(tmp_path):
                 rung = "g" if k == 5 else "a"
                 assert action["price"] == env.ladder_prices(budget)[env.LADDER_LETTERS.index(rung)]
     # the same games as the library's own ladder buyer with that schedule, episode for episode
-    scenarios = evaluation.pick_products(data.split_scenarios(data.load_scenarios(None), test_size=128)[1], 8)
+    held_out = evaluation.pick_products(data.split_scenarios(scenarios, seed=0, test_size=128)[1], 8)
     again = evaluation.evaluate(env.LadderBuyer([(0, 0, 0, 0, 0, 6)]), env.ScriptedSeller("hardliner", jitter=0.5),
-                                scenarios, episodes_per_product=2, batch_size=64, buyer_name="schedule:aaaaag",
+                                held_out, episodes_per_product=2, batch_size=64, buyer_name="schedule:aaaaag",
                                 seller_name="scripted:hardliner", persona="none", seed=0, progress=False)
     assert [r["reward"] for r in again] == [r["reward"] for r in mine]
     assert metrics["rows"][0]["buyer"] == "schedule:aaaaag"
