@@ -665,26 +665,30 @@ class ScriptedSeller:
     It accepts a BUY at or above its current ask. floor = cost * (1 + margin) keeps some profit; `jitter`
     randomises e and the margin per game. With group_size G the draw is per block of G consecutive games (a GRPO
     group): the episodes of a group then face the same seller, so their rewards differ only by what the buyer did.
+    Strategy "mixed" draws one of the four per game (per group) before the jitter: the whole family in one seller.
     Its text runs through the same parser and the same regulation as an LLM seller's.
     """
     STRATEGIES = {"boulware": (0.3, 0.05), "linear": (1.0, 0.05), "conceder": (3.0, 0.05),
                   "hardliner": (0.1, 0.15)}
+    MIXED = "mixed"   # each game (group) draws one of STRATEGIES, uniformly, then jitters it
 
     def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0, group_size: int = 1,
                  style: str = ""):
-        if strategy not in self.STRATEGIES:
-            raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)}")
+        if strategy not in self.STRATEGIES and strategy != self.MIXED:
+            raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)} "
+                             f"or {self.MIXED!r}")
         if style not in ("", "ladder"):
             raise ValueError(f"a scripted seller's style is '' (prices) or 'ladder' (SELLER_LADDER), got {style!r}")
         self.strategy, self.jitter, self.seed, self.group_size = strategy, jitter, seed, group_size
         self.style = style   # "ladder": its asks moved to the nearest rung, as letters (the LLM seller's teacher)
-        self.exponent, self.margin = self.STRATEGIES[strategy]
 
     def _params(self, game: Game) -> tuple[float, float]:
         if "seller" not in game.state:
             rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index // self.group_size}")
-            e = self.exponent * math.exp(self.jitter * rng.uniform(-1, 1))
-            m = max(0.0, self.margin * (1 + self.jitter * rng.uniform(-1, 1)))
+            strategy = rng.choice(list(self.STRATEGIES)) if self.strategy == self.MIXED else self.strategy
+            exponent, margin = self.STRATEGIES[strategy]
+            e = exponent * math.exp(self.jitter * rng.uniform(-1, 1))
+            m = max(0.0, margin * (1 + self.jitter * rng.uniform(-1, 1)))
             game.state["seller"] = (e, m)
         return game.state["seller"]
 

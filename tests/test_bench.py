@@ -132,3 +132,17 @@ def test_flat_replay_generates_exactly_the_lockstep_tokens(kind, bench_policy, t
     # lengths are forced, whatever the model samples: 1 and 5 tokens, never more, never fewer
     short = [harness.Request(r.prompt, n, True, 1.0) for r, n in zip(run["requests"], (1, 5))]
     assert rollouts.rollout_flat(engine, short, seed=None)["tokens"] == 6
+
+
+def test_seller_families_room_on_a_few_products(scenarios, monkeypatch):
+    """bench/seller_families.py on 4 train and 4 held-out products: the teachers, the searched best schedule and the
+    best g and h endings come back as rewards, and the search's choice is a 6-round ladder schedule."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import seller_families
+    monkeypatch.setattr(seller_families, "EPISODES_PER_PRODUCT", 1)
+    r = seller_families.family_room("mixed:0.5", scenarios[:4], scenarios[4:8])
+    assert r["family"] == "mixed:0.5" and len(r["best_schedule"]) == 6
+    assert all(-1 <= r[k] <= 1 for k in ("teachers", "best", "best_g", "best_h"))
+    end = r["best_schedule"][-1]
+    if end in (6, 7):   # the best schedule is also the best of its ending: the same schedule, the same episodes
+        assert r["best_g" if end == 6 else "best_h"] == r["best"]

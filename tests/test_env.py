@@ -516,6 +516,20 @@ def test_scripted_seller_type_is_drawn_per_group():
     assert per_game[0] == types[0]   # group_size 1 is the per-game draw
 
 
+def test_mixed_scripted_seller_draws_each_strategy_per_group():
+    def draws(seller, n=400):
+        return [seller._params(env.Game(env.Negotiation(S), index=i)) for i in range(n)]
+    mixed = draws(env.ScriptedSeller("mixed", seed=5, group_size=2))
+    assert all(mixed[i] == mixed[i + 1] for i in range(0, 400, 2))   # one seller per GRPO group
+    exponents = {round(e, 6) for e, _ in mixed}
+    assert exponents == {0.3, 1.0, 3.0, 0.1}, exponents              # no jitter: exactly the four strategies
+    assert {m for e, m in mixed if round(e, 6) == 0.1} == {0.15}      # the hard-liner keeps its own margin
+    counts = [sum(round(e, 6) == x for e, _ in mixed[::2]) for x in (0.3, 1.0, 3.0, 0.1)]
+    assert min(counts) >= 30, counts                                  # about 50 groups each, uniformly drawn
+    jittered = draws(env.ScriptedSeller("mixed", jitter=0.5, seed=5))
+    assert min(e for e, _ in jittered) < 0.1 and max(e for e, _ in jittered) > 3.0
+
+
 def test_play_matches_replay_of_its_own_transcript(scenarios):
     games = env.play(scenarios[:50], env.ScriptedBuyer(), env.ScriptedSeller("linear", jitter=0.3))
     for g in games:
