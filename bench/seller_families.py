@@ -1,6 +1,7 @@
 """How much room a scripted seller family leaves above the ladder teachers: the teachers' reward against it and
 the best fixed ladder schedule's (all 1,716 searched on 128 train products, scored on the held-out ones), with the
-best schedules ending on rung g and on rung h. Scripted players only (no model), about 80 s per family on 2 cores.
+best schedules ending on rung g and on rung h. Scripted players only (no model), about 2 min per family on 2 cores
+(118-122 s on the AMD EPYC, AVX2).
 
     python bench/seller_families.py                      # linear:1.0 (the warm start's seller), mixed:0.5, mixed:1.0
     python bench/seller_families.py boulware:0.5 hardliner:0.5
