@@ -55,6 +55,14 @@ REPLY_MAX_TOKENS = 32   # a ladder reply is ~20 tokens; more is never needed
 SELLER_TEMPERATURES = (1.0, 0.7)   # the LLM seller is measured at the CPU default's temperature and the paper's
 
 
+def set_seller_family(strategy: str, jitter: float) -> None:
+    """Choose the scripted family of this build (both roles' transcripts and every measurement against "the
+    family"): warmstart.py --seller-strategy/--seller-jitter."""
+    global SELLER_STRATEGY, SELLER_JITTER
+    env.ScriptedSeller(strategy, jitter)   # an unknown strategy stops here, naming the choices
+    SELLER_STRATEGY, SELLER_JITTER = strategy, jitter
+
+
 def seller_family(seed: int = 0, group_size: int = 1) -> env.ScriptedSeller:
     """Linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
     jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
@@ -442,7 +450,11 @@ def main(argv=None) -> None:
     p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint in --out and rewrite its "
                    "WARMSTART.md (with --build-log: the build's printed log, for its steps and time)")
     p.add_argument("--build-log", default="")
+    p.add_argument("--seller-strategy", default=SELLER_STRATEGY, help="the scripted family both roles are taught "
+                   f"against: one of env.ScriptedSeller.STRATEGIES or 'mixed' (default {SELLER_STRATEGY})")
+    p.add_argument("--seller-jitter", type=float, default=SELLER_JITTER)
     a = p.parse_args(argv)
+    set_seller_family(a.seller_strategy, a.seller_jitter)
     train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
     if a.baselines:
         print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))

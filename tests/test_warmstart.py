@@ -90,3 +90,17 @@ def test_best_response_is_the_best_schedule_and_beats_the_mixture(scenarios):
     assert each[tuple(best["schedule"])] == pytest.approx(best["train_reward"]) == pytest.approx(max(each.values()))
     mixture = mean(warmstart.play_scripted(train[:20] * 8, env.LadderBuyer(seed=0)))
     assert best["train_reward"] > mixture + 0.05   # room above imitation
+
+
+def test_the_builds_seller_family_is_a_choice_and_a_bad_one_stops(monkeypatch):
+    """warmstart.py --seller-strategy/--seller-jitter: the family every transcript and measurement of the build
+    uses; an unknown strategy stops before any work, naming the choices."""
+    monkeypatch.setattr(warmstart, "SELLER_STRATEGY", warmstart.SELLER_STRATEGY)
+    monkeypatch.setattr(warmstart, "SELLER_JITTER", warmstart.SELLER_JITTER)
+    warmstart.set_seller_family("mixed", 0.5)
+    family = warmstart.seller_family(seed=3, group_size=8)
+    assert (family.strategy, family.jitter, family.seed, family.group_size, family.style) == ("mixed", 0.5, 3, 8,
+                                                                                               "ladder")
+    with pytest.raises(ValueError, match="boulware"):
+        warmstart.set_seller_family("haggler", 1.0)
+    assert warmstart.SELLER_STRATEGY == "mixed"   # a refused choice changes nothing
