@@ -64,7 +64,10 @@ def set_seller_family(strategy: str, jitter: float) -> None:
 
 
 def seller_family(seed: int = 0, group_size: int = 1) -> env.ScriptedSeller:
-    """Linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
+    """The build's scripted family (SELLER_STRATEGY and SELLER_JITTER; warmstart.py --seller-strategy/--seller-jitter
+    choose another, e.g. "mixed" for checkpoints/warmstart-mixed). The default, for checkpoints/warmstart and for
+    train.py's scripted seller family in every run, whatever warm start it loads:
+    linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
     jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
     it accepts any offer at or above its current ask. Patience pays against it, and more so than the average
     teacher shows. It speaks in the seller's ladder (env.SELLER_LADDER: each ask moved to the nearest of eleven
