@@ -200,7 +200,8 @@ class Config:
         need(s.temperature >= 0, "seller.temperature", "must be >= 0 (0 = greedy; the paper: 0.7)")
         need(s.max_tokens >= 1, "seller.max_tokens", "must be >= 1")
         if s.kind == "scripted":
-            need(s.strategy in SCRIPTED_STRATEGIES, "seller.strategy", f"use one of {SCRIPTED_STRATEGIES}")
+            need(s.strategy in SCRIPTED_STRATEGIES + ("mixed",), "seller.strategy",
+                 f"use one of {SCRIPTED_STRATEGIES} or 'mixed' (one of them per group)")
             need(s.jitter >= 0, "seller.jitter", "must be >= 0")
         if s.kind == "chat":
             need(s.url.startswith(("http://", "https://")), "seller.url",

@@ -614,7 +614,8 @@ def build_seller(cfg, engine, endpoint, seed: int, group_size: int = 1):
     s, r = cfg.seller, cfg.rollout
     persona = env.load_persona(s.persona) if s.persona and s.kind != "scripted" else ""
     if s.kind == "scripted":
-        return env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=seed, group_size=group_size)
+        return env.ScriptedSeller(s.strategy, jitter=s.jitter, seed=seed, group_size=group_size,
+                                  style="ladder" if r.style == "ladder" else "")
     if s.kind == "chat":
         return env.ChatPlayer(endpoint, "seller", temperature=s.temperature, max_tokens=s.max_tokens, persona=persona,
                               description_chars=r.description_chars)
@@ -648,7 +649,7 @@ def league_player(cfg, engine, role: str, key: str, seed: int, group_size: int |
     G, ladder = group_size or cfg.rollout.group_size, cfg.rollout.style == "ladder"
     if key == "scripted" and role == "seller":
         import warmstart
-        return (warmstart.seller_family(seed, G) if ladder else
+        return (warmstart.seller_family(seed, G, warmstart.family_of(cfg.model.name)) if ladder else
                 env.ScriptedSeller(cfg.seller.strategy, jitter=cfg.seller.jitter, seed=seed, group_size=G))
     if key == "scripted":
         return env.scripted_buyer(cfg.rollout.style, seed=seed)

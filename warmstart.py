@@ -63,17 +63,38 @@ def set_seller_family(strategy: str, jitter: float) -> None:
     SELLER_STRATEGY, SELLER_JITTER = strategy, jitter
 
 
-def seller_family(seed: int = 0, group_size: int = 1) -> env.ScriptedSeller:
+def seller_family(seed: int = 0, group_size: int = 1, family: tuple[str, float] | None = None) -> env.ScriptedSeller:
     """The build's scripted family (SELLER_STRATEGY and SELLER_JITTER; warmstart.py --seller-strategy/--seller-jitter
-    choose another, e.g. "mixed" for checkpoints/warmstart-mixed). The default, for checkpoints/warmstart and for
-    train.py's scripted seller family in every run, whatever warm start it loads:
-    linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
+    choose another, e.g. "mixed" for checkpoints/warmstart-mixed), or `family` = (strategy, jitter), e.g. a
+    checkpoint's own (family_of: train.py's scripted seller family is the one its warm start was taught against).
+    The default, for checkpoints/warmstart: linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
     jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
     it accepts any offer at or above its current ask. Patience pays against it, and more so than the average
     teacher shows. It speaks in the seller's ladder (env.SELLER_LADDER: each ask moved to the nearest of eleven
     rungs from cost to list price, as a letter), so the model that imitates it never copies a price; the teachers
     score the same against it as against the unrounded family (0.328 on the held-out products, 512 episodes)."""
-    return env.ScriptedSeller(SELLER_STRATEGY, jitter=SELLER_JITTER, seed=seed, group_size=group_size, style="ladder")
+    strategy, jitter = family or (SELLER_STRATEGY, SELLER_JITTER)
+    return env.ScriptedSeller(strategy, jitter=jitter, seed=seed, group_size=group_size, style="ladder")
+
+
+FAMILY_FILE = "warmstart_metrics.json"   # a build writes its family there ("seller_family"), beside its argv
+
+
+def family_of(checkpoint: str) -> tuple[str, float]:
+    """The scripted family a warm-start checkpoint was taught against, from its warmstart_metrics.json:
+    "seller_family" if the build wrote it, else the --seller-strategy/--seller-jitter of its recorded argv, else
+    (any other model, e.g. a hub model with no such file) this module's default. Why it matters: the LLM seller
+    of a run imitates this family, so it is the run's "scripted family" opponent (league, cross-play)."""
+    path = os.path.join(checkpoint, FAMILY_FILE)
+    if not os.path.isfile(path):
+        return SELLER_STRATEGY, SELLER_JITTER
+    with open(path) as f:
+        meta = json.load(f)
+    if "seller_family" in meta:
+        return meta["seller_family"]["strategy"], float(meta["seller_family"]["jitter"])
+    argv = meta.get("argv", [])
+    flag = lambda name, default: argv[argv.index(name) + 1] if name in argv[:-1] else default
+    return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +420,8 @@ def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "warmstart_metrics.json"), "w") as f:
         json.dump({"held_out": m, "seller": result.get("seller"), "self_play": result.get("self_play"),
-                   "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed}, f, indent=1)
+                   "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed,
+                   "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER}}, f, indent=1)
 
 
 def seller_competent(teachers_vs_llm: dict, teachers_vs_family: dict) -> bool:

@@ -104,3 +104,23 @@ def test_the_builds_seller_family_is_a_choice_and_a_bad_one_stops(monkeypatch):
     with pytest.raises(ValueError, match="boulware"):
         warmstart.set_seller_family("haggler", 1.0)
     assert warmstart.SELLER_STRATEGY == "mixed"   # a refused choice changes nothing
+
+
+def test_a_checkpoint_names_the_family_it_was_taught_and_trains_scripted_opponent_is_it(tmp_path):
+    """The LLM seller of a run imitates its warm start's family, so train.py's "scripted family" opponent (the
+    league's, the cross-play column) must be that family: read from the checkpoint, not assumed linear."""
+    import json
+
+    import config
+    import train
+
+    assert warmstart.family_of("checkpoints/warmstart") == ("linear", 1.0)
+    assert warmstart.family_of("checkpoints/warmstart-mixed") == ("mixed", 1.0)
+    assert warmstart.family_of(str(tmp_path)) == (warmstart.SELLER_STRATEGY, warmstart.SELLER_JITTER)  # no record
+    (tmp_path / "warmstart_metrics.json").write_text(json.dumps(   # an older build: only its argv says it
+        {"argv": ["--out", "x", "--seller-strategy", "hardliner", "--seller-jitter", "0.5"]}))
+    assert warmstart.family_of(str(tmp_path)) == ("hardliner", 0.5)
+    cfg = config.load_config("configs/cpu-selfplay.yaml", ["model.name=checkpoints/warmstart-mixed"])
+    seller = train.league_player(cfg, None, "seller", "scripted", seed=5, group_size=8)
+    assert (seller.strategy, seller.jitter, seller.seed, seller.group_size, seller.style) == ("mixed", 1.0, 5, 8,
+                                                                                              "ladder")
