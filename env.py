@@ -389,6 +389,13 @@ def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style:
     return view if last_sell is None else f"{view}\nAsk rung: {ladder_rung(last_sell, scenario.budget)}"
 
 
+# SELLER_PLAN. A seller may be briefed with its plan: the rung it means to ask in each round, drawn per game from a
+# scripted family (ScriptedSeller.plan; "Plan: k i g e c b" in its opening). Why: a tiny LLM that imitates a
+# family with random types cannot see which type it is, so sampled it redraws one every round. Measured on the
+# warm start taught without a plan (128 held-out products x 4, the teachers as buyer): in the last round it takes a
+# bid on its lowest rung in 55% of games (the family 18%) and one four rungs up in 89% (the family 100%), so its
+# [DEAL] grows smoothly with the bid where the family's is a step, and GRPO learnt to pay more at the end (rung h)
+# than any scripted seller asks. Briefed, it plays one type per game as its teacher does; the buyer never sees it.
 # The seller's ladder mirrors the buyer's: eleven asks from its cost (a) to the list price (k) in tenths of the way,
 # "[SELL] d" names one, a bare "[DEAL]" accepts the buyer's last bid, and after each bid the seller reads the
 # highest of its rungs at or below it ("Bid rung: c", or "under" for a bid below its cost). Accepting is then a
@@ -457,14 +464,16 @@ def buyer_opening(s: Scenario, style: str = "full", description_chars: int = 400
 
 
 def seller_opening(s: Scenario, buyer_message: str, persona: str = "", style: str = "full",
-                   description_chars: int = 400) -> list[dict]:
+                   description_chars: int = 400, plan: str = "") -> list[dict]:
     """System + first user message for the seller. Holds the cost; never the budget. In the ladder style
-    `buyer_message` is the seller's view of the buyer's first turn (seller_view)."""
+    `buyer_message` is the seller's view of the buyer's first turn (seller_view), and `plan`, when given, its
+    private brief: the rung it means to ask in each round (ScriptedSeller.plan; see SELLER_PLAN)."""
     if style == "ladder":  # compact + the seller's rungs (see SELLER_LADDER)
         asks = ", ".join(f"{k} ${p:,.2f}" for k, p in zip(SELLER_LETTERS, seller_prices(s)))
         system = ("You are the seller. Reply Thought/Action. "
                   "Action: [SELL] rung letter, [DEAL] accepts the bid, [QUIT].")
-        first = (f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}. Rungs: {asks}.\n"
+        brief = f" Plan: {plan}." if plan else ""
+        first = (f"Item {s.codename}, list ${s.list_price:,.2f}. Your cost ${s.cost:,.2f}. Rungs: {asks}.{brief}\n"
                  f"{buyer_message}")
     elif style == "compact":  # short sequences for tiny CPU models: the same facts, no description
         system = "You are the seller. Format: Thought/Talk/Action."
@@ -583,8 +592,10 @@ class LLMPlayer:
 
     def __init__(self, engine, role: str, temperature: float = 1.0, max_tokens: int = 256,
                  adapter: bool | None = None, persona: str = "", style: str = "full",
-                 description_chars: int = 400, max_context: int = 8192, seed: int | None = None):
+                 description_chars: int = 400, max_context: int = 8192, seed: int | None = None,
+                 briefs: "ScriptedSeller | None" = None):
         self.engine, self.role, self.temperature, self.max_tokens = engine, role, temperature, max_tokens
+        self.briefs = briefs   # a seller's private plan per game, from this family's draw (see SELLER_PLAN)
         self.adapter = (role == "buyer") if adapter is None else adapter  # the policy buys; the base sells
         self.persona, self.style, self.description_chars = persona, style, description_chars
         self.max_context, self.seed = max_context, seed
@@ -599,7 +610,8 @@ class LLMPlayer:
         if conv is None:
             conv = game.state[self.role] = Conversation()
             opening = (buyer_opening(neg.scenario, self.style, self.description_chars) if self.role == "buyer"
-                       else seller_opening(neg.scenario, message, self.persona, self.style, self.description_chars))
+                       else seller_opening(neg.scenario, message, self.persona, self.style, self.description_chars,
+                                           self.briefs.plan(game) if self.briefs is not None else ""))
             conv.add_context(self.format.opening(opening))
         else:
             if self.role == "buyer":
@@ -689,8 +701,17 @@ class ScriptedSeller:
             exponent, margin = self.STRATEGIES[strategy]
             e = exponent * math.exp(self.jitter * rng.uniform(-1, 1))
             m = max(0.0, margin * (1 + self.jitter * rng.uniform(-1, 1)))
-            game.state["seller"] = (e, m)
-        return game.state["seller"]
+            game.state["seller_type"] = (e, m)   # not "seller": an LLM seller keeps its conversation there
+        return game.state["seller_type"]
+
+    def plan(self, game: Game) -> str:
+        """This game's asks for every round as seller-ladder letters ("k i g e c b"): the private brief of an LLM
+        seller that plays this family (seller_opening's `plan`). The draw is this seller's own for the game, so
+        the same seed and group size brief the same type."""
+        neg, s = game.negotiation, game.negotiation.scenario
+        e, m = self._params(game)
+        return " ".join(SELLER_LETTERS[seller_rung_at_or_above(self.ask(s, t, neg.max_rounds, e, m), s)]
+                        for t in range(neg.max_rounds))
 
     def ask(self, s: Scenario, t: int, rounds: int, exponent: float, margin: float) -> float:
         floor = min(s.cost * (1 + margin), s.list_price)

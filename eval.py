@@ -775,9 +775,13 @@ def make_seller(args, engine, endpoints: dict, persona: str, seller: dict):
     if kind == "endpoint":
         return env.ChatPlayer(endpoints["seller"], "seller", temperature=args.seller_temp,
                               max_tokens=args.seller_max_tokens, persona=text, description_chars=args.description_chars)
+    import warmstart   # a seller taught with its plan for each game gets one here too (env.SELLER_PLAN)
+    base = getattr(args, "resolved_base_model", None)
+    briefs = warmstart.seller_briefs(base, args.seed) if base and args.style == "ladder" else None
     return env.LLMPlayer(engine, "seller", temperature=args.seller_temp, max_tokens=args.seller_max_tokens,
                          adapter=seller["name"] if kind == "adapter" else False, persona=text, style=args.style,
-                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed)
+                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed,
+                         briefs=briefs)
 
 
 # ---- the files ------------------------------------------------------------------------------------------------
@@ -868,7 +872,7 @@ def main(argv=None) -> dict:
             personas = resolve_personas(args.personas or args.seller_persona or "none", "llm")
         for x in sellers:   # a scripted seller has no persona
             x["personas"] = ["none"] if x["kind"] == "scripted" else personas
-        base_model = resolve_base_model(args, buyers)
+        base_model = args.resolved_base_model = resolve_base_model(args, buyers)   # make_seller's briefs
         training = read_training_run(args.run)
         scenarios = held_out_products(args)
         info = run_info(args, buyers, sellers, base_model, personas, scenarios, sources)

@@ -619,9 +619,11 @@ def build_seller(cfg, engine, endpoint, seed: int, group_size: int = 1):
     if s.kind == "chat":
         return env.ChatPlayer(endpoint, "seller", temperature=s.temperature, max_tokens=s.max_tokens, persona=persona,
                               description_chars=r.description_chars)
+    import warmstart   # a warm start taught with per-game plans needs its seller briefed (env.SELLER_PLAN)
+    briefs = warmstart.seller_briefs(cfg.model.name, seed, group_size) if r.style == "ladder" else None
     return env.LLMPlayer(engine, "seller", temperature=s.temperature, max_tokens=s.max_tokens, adapter=False,
                          persona=persona, style=r.style, description_chars=r.description_chars,
-                         max_context=r.max_context, seed=seed)
+                         max_context=r.max_context, seed=seed, briefs=briefs)
 
 
 def build_buyer(cfg, engine, seed: int, temperature: float | None = None):

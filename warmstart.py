@@ -50,17 +50,19 @@ import env
 import reward
 
 SELLER_STRATEGY, SELLER_JITTER = "linear", 1.0   # the scripted seller family (see seller_family)
+SELLER_PLAN = False   # --seller-plan: the seller is briefed with its plan for the game (env.SELLER_PLAN)
 MAX_ROUNDS = 6
 REPLY_MAX_TOKENS = 32   # a ladder reply is ~20 tokens; more is never needed
 SELLER_TEMPERATURES = (1.0, 0.7)   # the LLM seller is measured at the CPU default's temperature and the paper's
 
 
-def set_seller_family(strategy: str, jitter: float) -> None:
+def set_seller_family(strategy: str, jitter: float, plan: bool = False) -> None:
     """Choose the scripted family of this build (both roles' transcripts and every measurement against "the
-    family"): warmstart.py --seller-strategy/--seller-jitter."""
-    global SELLER_STRATEGY, SELLER_JITTER
+    family") and whether its seller is briefed with its plan: warmstart.py --seller-strategy/--seller-jitter/
+    --seller-plan."""
+    global SELLER_STRATEGY, SELLER_JITTER, SELLER_PLAN
     env.ScriptedSeller(strategy, jitter)   # an unknown strategy stops here, naming the choices
-    SELLER_STRATEGY, SELLER_JITTER = strategy, jitter
+    SELLER_STRATEGY, SELLER_JITTER, SELLER_PLAN = strategy, jitter, plan
 
 
 def seller_family(seed: int = 0, group_size: int = 1, family: tuple[str, float] | None = None) -> env.ScriptedSeller:
@@ -95,6 +97,22 @@ def family_of(checkpoint: str) -> tuple[str, float]:
     argv = meta.get("argv", [])
     flag = lambda name, default: argv[argv.index(name) + 1] if name in argv[:-1] else default
     return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER))
+
+
+def briefed(checkpoint: str) -> bool:
+    """Whether a warm start's seller was taught with its plan in its opening (warmstart.py --seller-plan): an LLM
+    seller on it must then be briefed the same way, or it reads a prompt it never saw."""
+    path = os.path.join(checkpoint, FAMILY_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("seller_family", {}).get("plan", False))
+
+
+def seller_briefs(checkpoint: str, seed: int, group_size: int = 1) -> env.ScriptedSeller | None:
+    """The family that briefs an LLM seller on `checkpoint` with each game's plan (env.LLMPlayer's briefs), or
+    None for a warm start taught without plans. group_size: in training G, one seller type per group."""
+    return seller_family(seed, group_size, family_of(checkpoint)) if briefed(checkpoint) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +201,8 @@ def render_seller(game: env.Game, fmt: env.ChatFormat) -> Example | None:
     turns = seller_turns(game)
     if len(turns) < 2:
         return None
-    opening = env.seller_opening(game.negotiation.scenario, turns[0]["content"], style="ladder")
+    opening = env.seller_opening(game.negotiation.scenario, turns[0]["content"], style="ladder",
+                                 plan=game.state.get("seller_plan", ""))
     return render(fmt, opening, turns[1:])
 
 
@@ -211,7 +230,11 @@ def scripted_games(scenarios, n: int, seed: int) -> list[env.Game]:
     """n teacher-vs-seller episodes on products drawn (with replacement) from `scenarios`."""
     rng = random.Random(seed)
     picks = [rng.choice(scenarios) for _ in range(n)]
-    return env.play(picks, env.LadderBuyer(env.TEACHER_SCHEDULES, seed), seller_family(seed), MAX_ROUNDS)
+    family = seller_family(seed)
+    games = env.play(picks, env.LadderBuyer(env.TEACHER_SCHEDULES, seed), family, MAX_ROUNDS)
+    for g in games if SELLER_PLAN else []:   # the brief the seller's transcript opens with (render_seller)
+        g.state["seller_plan"] = family.plan(g)
+    return games
 
 
 def transcript_texts(games, tokenizer_free_template) -> list[str]:
@@ -222,7 +245,8 @@ def transcript_texts(games, tokenizer_free_template) -> list[str]:
         turns = seller_turns(g)
         if turns:
             texts.append(tokenizer_free_template(
-                env.seller_opening(g.negotiation.scenario, turns[0]["content"], style="ladder") + turns[1:]))
+                env.seller_opening(g.negotiation.scenario, turns[0]["content"], style="ladder",
+                                   plan=g.state.get("seller_plan", "")) + turns[1:]))
     return texts
 
 
@@ -271,7 +295,8 @@ def evaluate_seller(model, tokenizer, scenarios, episodes_per_product: int = 4, 
     from engine import HFEngine
     rep = [s for s in scenarios for _ in range(episodes_per_product)]
     seller = env.LLMPlayer(HFEngine(model, tokenizer), "seller", temperature=temperature,
-                           max_tokens=REPLY_MAX_TOKENS, adapter=False, style="ladder", seed=seed + 1)
+                           max_tokens=REPLY_MAX_TOKENS, adapter=False, style="ladder", seed=seed + 1,
+                           briefs=seller_family(seed) if SELLER_PLAN else None)
     games = env.play(rep, buyer or env.LadderBuyer(env.TEACHER_SCHEDULES, seed), seller, MAX_ROUNDS)
     return reward.summarize(g.outcome for g in games)
 
@@ -285,7 +310,7 @@ def evaluate_self_play(model, tokenizer, scenarios, episodes_per_product: int = 
     buyer = env.LLMPlayer(engine, "buyer", temperature=buyer_temperature, max_tokens=REPLY_MAX_TOKENS,
                           adapter=True, style="ladder", seed=seed)
     seller = env.LLMPlayer(engine, "seller", temperature=seller_temperature, max_tokens=REPLY_MAX_TOKENS,
-                           adapter=False, style="ladder", seed=seed + 1)
+                           adapter=False, style="ladder", seed=seed + 1, briefs=seller_family(seed) if SELLER_PLAN else None)
     return reward.summarize(g.outcome for g in env.play(rep, buyer, seller, MAX_ROUNDS))
 
 
@@ -421,7 +446,8 @@ def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted:
     with open(os.path.join(out_dir, "warmstart_metrics.json"), "w") as f:
         json.dump({"held_out": m, "seller": result.get("seller"), "self_play": result.get("self_play"),
                    "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed,
-                   "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER}}, f, indent=1)
+                   "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER, "plan": SELLER_PLAN}},
+                  f, indent=1)
 
 
 def seller_competent(teachers_vs_llm: dict, teachers_vs_family: dict) -> bool:
@@ -478,8 +504,10 @@ def main(argv=None) -> None:
     p.add_argument("--seller-strategy", default=SELLER_STRATEGY, help="the scripted family both roles are taught "
                    f"against: one of env.ScriptedSeller.STRATEGIES or 'mixed' (default {SELLER_STRATEGY})")
     p.add_argument("--seller-jitter", type=float, default=SELLER_JITTER)
+    p.add_argument("--seller-plan", action="store_true", help="brief the seller with its plan for the game (the "
+                   "rung per round of its drawn type) in its opening: one type per game, as its teacher plays")
     a = p.parse_args(argv)
-    set_seller_family(a.seller_strategy, a.seller_jitter)
+    set_seller_family(a.seller_strategy, a.seller_jitter, a.seller_plan)
     train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
     if a.baselines:
         print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))

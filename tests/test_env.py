@@ -653,3 +653,37 @@ def test_the_ceiling_bounds_every_ladder_schedule():
         games = env.play([S, CI] * 4, env.LadderBuyer([schedule]), seller, 6)
         for g in games:
             assert g.outcome.reward <= seller.ceiling(g) + 1e-12
+
+
+def test_a_scripted_sellers_plan_is_the_rungs_it_asks_and_briefs_an_llm_seller():
+    """env.SELLER_PLAN: ScriptedSeller.plan is the rung it asks in each round of that game (its own draw, per group),
+    and an LLM seller given the family as `briefs` opens with exactly that plan."""
+    scenarios = [Scenario(f"B0PLAN000{i}", "Item", "desc", "tools", 100.0 + 7 * i, 80.0 + 5 * i, 50.0 + 3 * i)
+                 for i in range(6)]
+    family = env.ScriptedSeller("linear", jitter=1.0, seed=4, group_size=2, style="ladder")
+    games = env.play(scenarios, env.LadderBuyer([(0,) * 6]), family, 6)   # bids rung a: the seller never accepts
+    for g in games:
+        asked = [parse_action(t.relayed, "seller").price for t in g.negotiation.transcript if t.role == "seller"]
+        letters = family.plan(g).split()
+        assert len(letters) == 6 and len(asked) >= 5
+        for price, letter in zip(asked, letters):
+            assert price == pytest.approx(env.seller_prices(g.negotiation.scenario)[env.SELLER_LETTERS.index(letter)])
+    first, second = (env.Game(env.Negotiation(scenarios[0], 6, True, True), index=i) for i in (0, 1))
+    assert family.plan(first) == family.plan(second)   # one group, one type
+    opening = env.seller_opening(scenarios[0], "Buyer [BUY] $30.00\nBid rung: under", style="ladder",
+                                 plan=family.plan(first))
+    assert opening[1]["content"].count(f"Plan: {family.plan(first)}.") == 1
+    assert "Plan:" not in env.seller_opening(scenarios[0], "Buyer [BUY] $30.00", style="ladder")[1]["content"]
+
+    from transformers import AutoTokenizer
+
+    class Engine:   # only the tokenizer: the test reads the prompt the seller would be given
+        tokenizer = AutoTokenizer.from_pretrained("checkpoints/warmstart")
+
+    seller = env.LLMPlayer(Engine(), "seller", adapter=False, style="ladder", briefs=family)
+    first.negotiation.buyer_says("Thought: a\nAction: [BUY] a")
+    prompt = Engine.tokenizer.decode(seller._append_message(first).ids)
+    assert f"Plan: {family.plan(first)}." in prompt
+    unbriefed = env.LLMPlayer(Engine(), "seller", adapter=False, style="ladder")
+    second.negotiation.buyer_says("Thought: a\nAction: [BUY] a")
+    assert "Plan:" not in Engine.tokenizer.decode(unbriefed._append_message(second).ids)
