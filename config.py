@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -276,6 +277,10 @@ class Config:
                  os.path.isfile(os.path.join(path, "adapter_config.json")), "eval.crossplay_buyers",
                  f"{path!r} is not a checkpoint folder (no adapter/adapter_config.json): give train.py's "
                  f"runs/NAME/step_NNNNNN")
+            base = crossplay_buyer_base(path)
+            need(base is None or same_base(base, self.model.name), "eval.crossplay_buyers",
+                 f"{path!r} was trained on base {base!r}, this run's model.name is {self.model.name!r}: an adapter "
+                 f"only means something on its own base; train that buyer on this base, or set model.name={base}")
         need(not ev.crossplay_buyers or self.selfplay.mode != "off", "eval.crossplay_buyers",
              "the cross-play table is written by self-play runs: set selfplay.mode, or drop eval.crossplay_buyers")
         self.validate_selfplay(need)
@@ -336,6 +341,20 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: YAML file -> overrides -> typed dataclasses
+
+
+def crossplay_buyer_base(path: str) -> str | None:
+    """The base model a checkpoint's adapter was trained on (its adapter_config.json), or None if unreadable."""
+    for config_file in (os.path.join(path, "adapter", "adapter_config.json"), os.path.join(path, "adapter_config.json")):
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                return json.load(f).get("base_model_name_or_path") or None
+    return None
+
+
+def same_base(a: str, b: str) -> bool:
+    """Two model names for the same base: the same folder (however written), or the same hub id."""
+    return os.path.realpath(a) == os.path.realpath(b) if os.path.isdir(a) and os.path.isdir(b) else a == b
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:

@@ -391,11 +391,11 @@ def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style:
 
 # SELLER_PLAN. A seller may be briefed with its plan: the rung it means to ask in each round, drawn per game from a
 # scripted family (ScriptedSeller.plan; "Plan: k i g e c b" in its opening). Why: a tiny LLM that imitates a
-# family with random types cannot see which type it is, so sampled it redraws one every round. Measured on the
+# family with random types cannot see which type it is, and sampled it plays as if it redrew one every round. On the
 # warm start taught without a plan (128 held-out products x 4, the teachers as buyer): in the last round it takes a
-# bid on its lowest rung in 55% of games (the family 18%) and one four rungs up in 89% (the family 100%), so its
-# [DEAL] grows smoothly with the bid where the family's is a step, and GRPO learnt to pay more at the end (rung h)
-# than any scripted seller asks. Briefed, it plays one type per game as its teacher does; the buyer never sees it.
+# bid on its lowest rung in 55% of games (the family 18%) and one three rungs up in 89% (the family 100%), so its
+# [DEAL] grows smoothly with the bid where the family's is a step, and GRPO learnt to end on rung h, which the
+# scripted sellers do not reward. Briefed, it plays one type per game as its teacher does; the buyer never sees it.
 # The seller's ladder mirrors the buyer's: eleven asks from its cost (a) to the list price (k) in tenths of the way,
 # "[SELL] d" names one, a bare "[DEAL]" accepts the buyer's last bid, and after each bid the seller reads the
 # highest of its rungs at or below it ("Bid rung: c", or "under" for a bid below its cost). Accepting is then a

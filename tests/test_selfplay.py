@@ -198,6 +198,19 @@ def test_selfplay_config_errors_name_the_field(override, field):
         config.load_config(CPU, override).validate()
 
 
+def test_a_crossplay_buyer_on_another_base_stops_at_config_time(tmp_path):
+    """An adapter means something only on its own base: a buyer trained on checkpoints/warmstart-mixed in the table
+    of a run on checkpoints/warmstart stops before any compute, naming the field and both bases."""
+    for name, base in (("same", "checkpoints/warmstart"), ("other", "checkpoints/warmstart-mixed")):
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "adapter" / "adapter_config.json").write_text(
+            json.dumps({"base_model_name_or_path": str(ROOT / base)}))
+    ok = ["selfplay.mode=alternate", f"eval.crossplay_buyers=[{tmp_path / 'same'}]"]
+    config.load_config(CPU, ok).validate()
+    with pytest.raises(config.ConfigError, match=r"eval\.crossplay_buyers.*warmstart-mixed"):
+        config.load_config(CPU, ["selfplay.mode=alternate", f"eval.crossplay_buyers=[{tmp_path / 'other'}]"]).validate()
+
+
 def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
     out = tmp_path / "sp"
     common = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2",
