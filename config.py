@@ -201,8 +201,9 @@ class Config:
         need(s.temperature >= 0, "seller.temperature", "must be >= 0 (0 = greedy; the paper: 0.7)")
         need(s.max_tokens >= 1, "seller.max_tokens", "must be >= 1")
         if s.kind == "scripted":
-            need(s.strategy in SCRIPTED_STRATEGIES + ("mixed",), "seller.strategy",
-                 f"use one of {SCRIPTED_STRATEGIES} or 'mixed' (one of them per group)")
+            need(s.strategy == "mixed" or all(m in SCRIPTED_STRATEGIES for m in s.strategy.split("+")),
+                 "seller.strategy", f"use one of {SCRIPTED_STRATEGIES}, 'mixed' (one of the four per group) or "
+                 "several joined by '+' (one of them per group; repeat one to weight it)")
             need(s.jitter >= 0, "seller.jitter", "must be >= 0")
         if s.kind == "chat":
             need(s.url.startswith(("http://", "https://")), "seller.url",

@@ -677,7 +677,8 @@ class ScriptedSeller:
     It accepts a BUY at or above its current ask. floor = cost * (1 + margin) keeps some profit; `jitter`
     randomises e and the margin per game. With group_size G the draw is per block of G consecutive games (a GRPO
     group): the episodes of a group then face the same seller, so their rewards differ only by what the buyer did.
-    Strategy "mixed" draws one of the four per game (per group) before the jitter: the whole family in one seller.
+    Strategy "mixed" draws one of the four per game (per group) before the jitter: the whole family in one seller;
+    "linear+linear+hardliner" draws one of those (a repeated one weighs more).
     Its text runs through the same parser and the same regulation as an LLM seller's.
     """
     STRATEGIES = {"boulware": (0.3, 0.05), "linear": (1.0, 0.05), "conceder": (3.0, 0.05),
@@ -686,9 +687,11 @@ class ScriptedSeller:
 
     def __init__(self, strategy: str = "boulware", jitter: float = 0.0, seed: int = 0, group_size: int = 1,
                  style: str = ""):
-        if strategy not in self.STRATEGIES and strategy != self.MIXED:
-            raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)} "
-                             f"or {self.MIXED!r}")
+        members = strategy.split("+") if strategy != self.MIXED else list(self.STRATEGIES)
+        if not all(m in self.STRATEGIES for m in members):
+            raise ValueError(f"unknown scripted seller {strategy!r}; choose from {', '.join(self.STRATEGIES)}, "
+                             f"{self.MIXED!r} (all four), or several joined by '+' (e.g. 'linear+hardliner')")
+        self.members = members   # each game (group) draws one, uniformly: repeat one to weight it
         if style not in ("", "ladder"):
             raise ValueError(f"a scripted seller's style is '' (prices) or 'ladder' (SELLER_LADDER), got {style!r}")
         self.strategy, self.jitter, self.seed, self.group_size = strategy, jitter, seed, group_size
@@ -697,7 +700,7 @@ class ScriptedSeller:
     def _params(self, game: Game) -> tuple[float, float]:
         if "seller" not in game.state:
             rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index // self.group_size}")
-            strategy = rng.choice(list(self.STRATEGIES)) if self.strategy == self.MIXED else self.strategy
+            strategy = rng.choice(self.members) if len(self.members) > 1 else self.members[0]
             exponent, margin = self.STRATEGIES[strategy]
             e = exponent * math.exp(self.jitter * rng.uniform(-1, 1))
             m = max(0.0, margin * (1 + self.jitter * rng.uniform(-1, 1)))
