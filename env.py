@@ -698,7 +698,7 @@ class ScriptedSeller:
         self.style = style   # "ladder": its asks moved to the nearest rung, as letters (the LLM seller's teacher)
 
     def _params(self, game: Game) -> tuple[float, float]:
-        if "seller" not in game.state:
+        if "seller_type" not in game.state:
             rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index // self.group_size}")
             strategy = rng.choice(self.members) if len(self.members) > 1 else self.members[0]
             exponent, margin = self.STRATEGIES[strategy]

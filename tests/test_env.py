@@ -681,9 +681,10 @@ def test_a_scripted_sellers_plan_is_the_rungs_it_asks_and_briefs_an_llm_seller()
         tokenizer = AutoTokenizer.from_pretrained("checkpoints/warmstart")
 
     seller = env.LLMPlayer(Engine(), "seller", adapter=False, style="ladder", briefs=family)
-    first.negotiation.buyer_says("Thought: a\nAction: [BUY] a")
-    prompt = Engine.tokenizer.decode(seller._append_message(first).ids)
-    assert f"Plan: {family.plan(first)}." in prompt
+    fresh = env.Game(env.Negotiation(scenarios[0], 6, True, True), index=0)   # no draw cached: the seller draws it
+    fresh.negotiation.buyer_says("Thought: a\nAction: [BUY] a")
+    prompt = Engine.tokenizer.decode(seller._append_message(fresh).ids)
+    assert f"Plan: {family.plan(first)}." in prompt and family.plan(fresh) == family.plan(first)
     unbriefed = env.LLMPlayer(Engine(), "seller", adapter=False, style="ladder")
     second.negotiation.buyer_says("Thought: a\nAction: [BUY] a")
     assert "Plan:" not in Engine.tokenizer.decode(unbriefed._append_message(second).ids)
