@@ -278,8 +278,9 @@ class Config:
                  os.path.isfile(os.path.join(path, "adapter_config.json")), "eval.crossplay_buyers",
                  f"{path!r} is not a checkpoint folder (no adapter/adapter_config.json): give train.py's "
                  f"runs/NAME/step_NNNNNN")
+            import eval as evaluation
             base = crossplay_buyer_base(path)
-            need(base is None or same_base(base, self.model.name), "eval.crossplay_buyers",
+            need(base is None or evaluation.same_model(base, self.model.name), "eval.crossplay_buyers",
                  f"{path!r} was trained on base {base!r}, this run's model.name is {self.model.name!r}: an adapter "
                  f"only means something on its own base; train that buyer on this base, or set model.name={base}")
         need(not ev.crossplay_buyers or self.selfplay.mode != "off", "eval.crossplay_buyers",
@@ -345,17 +346,13 @@ class ConfigError(ValueError):
 
 
 def crossplay_buyer_base(path: str) -> str | None:
-    """The base model a checkpoint's adapter was trained on (its adapter_config.json), or None if unreadable."""
-    for config_file in (os.path.join(path, "adapter", "adapter_config.json"), os.path.join(path, "adapter_config.json")):
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                return json.load(f).get("base_model_name_or_path") or None
-    return None
-
-
-def same_base(a: str, b: str) -> bool:
-    """Two model names for the same base: the same folder (however written), or the same hub id."""
-    return os.path.realpath(a) == os.path.realpath(b) if os.path.isdir(a) and os.path.isdir(b) else a == b
+    """The base model a checkpoint's adapter was trained on (its adapter_config.json), or None if it names none."""
+    import eval as evaluation
+    try:
+        adapter = evaluation.find_adapter(path)
+    except FileNotFoundError:   # reported by the check before this one
+        return None
+    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or None
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:

@@ -700,6 +700,7 @@ class ScriptedSeller:
     def _params(self, game: Game) -> tuple[float, float]:
         if "seller_type" not in game.state:
             rng = random.Random(f"{self.seed}:{game.negotiation.scenario.codename}:{game.index // self.group_size}")
+            # one strategy draws nothing here, so its exponent and margin are the same draws as before '+' existed
             strategy = rng.choice(self.members) if len(self.members) > 1 else self.members[0]
             exponent, margin = self.STRATEGIES[strategy]
             e = exponent * math.exp(self.jitter * rng.uniform(-1, 1))

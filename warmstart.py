@@ -69,8 +69,8 @@ def seller_family(seed: int = 0, group_size: int = 1, family: tuple[str, float] 
     """The build's scripted family (SELLER_STRATEGY and SELLER_JITTER; warmstart.py --seller-strategy/--seller-jitter
     choose another, e.g. "mixed" for checkpoints/warmstart-mixed), or `family` = (strategy, jitter), e.g. a
     checkpoint's own (family_of: train.py's scripted seller family is the one its warm start was taught against).
-    The default, for checkpoints/warmstart: linear concession from the list price to cost * (1 + margin) over the rounds; per game the exponent is
-    jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
+    The default, for checkpoints/warmstart: linear concession from the list price to cost * (1 + margin) over the
+    rounds; per game the exponent is jittered by e^U(-1,1) (0.37 = Boulware .. 2.7 = conceder) and the margin in [0, 10%]. Its asks are visible;
     it accepts any offer at or above its current ask. Patience pays against it, and more so than the average
     teacher shows. It speaks in the seller's ladder (env.SELLER_LADDER: each ask moved to the nearest of eleven
     rungs from cost to list price, as a letter), so the model that imitates it never copies a price; the teachers
@@ -82,37 +82,36 @@ def seller_family(seed: int = 0, group_size: int = 1, family: tuple[str, float] 
 FAMILY_FILE = "warmstart_metrics.json"   # a build writes its family there ("seller_family"), beside its argv
 
 
-def family_of(checkpoint: str) -> tuple[str, float]:
-    """The scripted family a warm-start checkpoint was taught against, from its warmstart_metrics.json:
-    "seller_family" if the build wrote it, else the --seller-strategy/--seller-jitter of its recorded argv, else
-    (any other model, e.g. a hub model with no such file) this module's default. Why it matters: the LLM seller
-    of a run imitates this family, so it is the run's "scripted family" opponent (league, cross-play)."""
+def checkpoint_family(checkpoint: str) -> tuple[str, float, bool]:
+    """(strategy, jitter, plan): the scripted family a warm-start checkpoint was taught against and whether its
+    seller was briefed with its plan (--seller-plan), from its warmstart_metrics.json: "seller_family" if the build
+    wrote it, else the --seller-strategy/--seller-jitter of its recorded argv (an older build: no plans), else (any
+    other model, e.g. a hub model with no such file) this module's default family, unbriefed. Why it matters: the
+    LLM seller of a run imitates this family, so it is the run's "scripted family" opponent (league, cross-play),
+    and a briefed seller reads a prompt it never saw unless it is briefed again."""
     path = os.path.join(checkpoint, FAMILY_FILE)
     if not os.path.isfile(path):
-        return SELLER_STRATEGY, SELLER_JITTER
+        return SELLER_STRATEGY, SELLER_JITTER, False
     with open(path) as f:
         meta = json.load(f)
     if "seller_family" in meta:
-        return meta["seller_family"]["strategy"], float(meta["seller_family"]["jitter"])
+        family = meta["seller_family"]
+        return family["strategy"], float(family["jitter"]), bool(family.get("plan", False))
     argv = meta.get("argv", [])
     flag = lambda name, default: argv[argv.index(name) + 1] if name in argv[:-1] else default
-    return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER))
+    return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER)), False
 
 
-def briefed(checkpoint: str) -> bool:
-    """Whether a warm start's seller was taught with its plan in its opening (warmstart.py --seller-plan): an LLM
-    seller on it must then be briefed the same way, or it reads a prompt it never saw."""
-    path = os.path.join(checkpoint, FAMILY_FILE)
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return bool(json.load(f).get("seller_family", {}).get("plan", False))
+def family_of(checkpoint: str) -> tuple[str, float]:
+    """(strategy, jitter) of checkpoint_family."""
+    return checkpoint_family(checkpoint)[:2]
 
 
 def seller_briefs(checkpoint: str, seed: int, group_size: int = 1) -> env.ScriptedSeller | None:
     """The family that briefs an LLM seller on `checkpoint` with each game's plan (env.LLMPlayer's briefs), or
     None for a warm start taught without plans. group_size: in training G, one seller type per group."""
-    return seller_family(seed, group_size, family_of(checkpoint)) if briefed(checkpoint) else None
+    strategy, jitter, plan = checkpoint_family(checkpoint)
+    return seller_family(seed, group_size, (strategy, jitter)) if plan else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

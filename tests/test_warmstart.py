@@ -120,6 +120,13 @@ def test_a_checkpoint_names_the_family_it_was_taught_and_trains_scripted_opponen
     (tmp_path / "warmstart_metrics.json").write_text(json.dumps(   # an older build: only its argv says it
         {"argv": ["--out", "x", "--seller-strategy", "hardliner", "--seller-jitter", "0.5"]}))
     assert warmstart.family_of(str(tmp_path)) == ("hardliner", 0.5)
+    assert warmstart.seller_briefs(str(tmp_path), seed=5) is None   # an older build: never briefed
+    assert warmstart.seller_briefs("checkpoints/warmstart", seed=5) is None
+    (tmp_path / "warmstart_metrics.json").write_text(json.dumps(
+        {"seller_family": {"strategy": "conceder", "jitter": 0.5, "plan": True}}))
+    briefs = warmstart.seller_briefs(str(tmp_path), seed=5, group_size=8)
+    assert (briefs.strategy, briefs.jitter, briefs.seed, briefs.group_size, briefs.style) == ("conceder", 0.5, 5, 8,
+                                                                                              "ladder")
     cfg = config.load_config("configs/cpu-selfplay.yaml", ["model.name=checkpoints/warmstart-mixed"])
     seller = train.league_player(cfg, None, "seller", "scripted", seed=5, group_size=8)
     assert (seller.strategy, seller.jitter, seller.seed, seller.group_size, seller.style) == ("mixed", 1.0, 5, 8,
