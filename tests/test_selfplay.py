@@ -214,7 +214,7 @@ def test_a_crossplay_buyer_on_another_base_stops_at_config_time(tmp_path):
 def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
     out = tmp_path / "sp"
     common = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2",
-              "eval.episodes_per_product=0", "selfplay.switch_every=1", "selfplay.snapshot_every=1",
+              "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1", "selfplay.snapshot_every=1",
               "log.progress=false", "save_every=1"]
     env_vars = dict(__import__("os").environ, OMP_NUM_THREADS="1")
     r = subprocess.run(common + ["train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_vars)
@@ -267,8 +267,8 @@ def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
     import os
     out = tmp_path / "spv"
     cmd = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2", "train.steps=3",
-           "eval.episodes_per_product=0", "selfplay.switch_every=1", "selfplay.snapshot_every=1",
-           "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm", "engine.max_model_len=1024",
+           "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1",
+           "selfplay.snapshot_every=1", "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm", "engine.max_model_len=1024",
            "engine.enforce_eager=true", "selfplay.league_latest=0", "selfplay.league_snapshots=1",
            "selfplay.league_base=0", "selfplay.league_scripted=0"]
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
