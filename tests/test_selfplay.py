@@ -214,8 +214,8 @@ def test_a_crossplay_buyer_on_another_base_stops_at_config_time(tmp_path):
 def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
     out = tmp_path / "sp"
     common = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2",
-              "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1", "selfplay.snapshot_every=1",
-              "log.progress=false", "save_every=1"]
+              "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1",
+              "selfplay.snapshot_every=1", "log.progress=false", "save_every=1"]
     env_vars = dict(__import__("os").environ, OMP_NUM_THREADS="1")
     r = subprocess.run(common + ["train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_vars)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -244,6 +244,21 @@ def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
     assert "buyer's reward (rows: buyers; columns: sellers)" in r.stdout
 
 
+def test_the_shipped_selfplay_config_trains_both_sides_in_one_step(tmp_path):
+    """configs/cpu-selfplay.yaml as shipped (simultaneous, the seller at its own rate), one step on two products:
+    the step updates both adapters, each at its own learning rate, and no deal closes below cost."""
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2", "train.steps=1",
+           "train.warmup_updates=0", "eval.episodes_per_product=0", "log.progress=false"]
+    env_vars = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_vars)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (m,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m["grad_norm"] > 0 and m["seller/grad_norm"] > 0
+    assert m["seller/lr"] == pytest.approx(2 * m["lr"])   # one schedule, each side at its own rate (3e-3, 1.5e-3)
+    assert m["below_cost_deals"] == 0
+
+
 def test_crossplay_table_by_hand():
     def rec(buyer, seller, product, r, s):
         return {"buyer": buyer, "seller": seller, "persona": "none", "product": product, "episode": 0, "error": None,
@@ -268,8 +283,8 @@ def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
     out = tmp_path / "spv"
     cmd = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2", "train.steps=3",
            "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1",
-           "selfplay.snapshot_every=1", "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm", "engine.max_model_len=1024",
-           "engine.enforce_eager=true", "selfplay.league_latest=0", "selfplay.league_snapshots=1",
+           "selfplay.snapshot_every=1", "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm",
+           "engine.max_model_len=1024", "engine.enforce_eager=true", "selfplay.league_latest=0", "selfplay.league_snapshots=1",
            "selfplay.league_base=0", "selfplay.league_scripted=0"]
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env_vars)
