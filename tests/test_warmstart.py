@@ -122,6 +122,8 @@ def test_a_checkpoint_names_the_family_it_was_taught_and_trains_scripted_opponen
     assert warmstart.family_of(str(tmp_path)) == ("hardliner", 0.5)
     assert warmstart.seller_briefs(str(tmp_path), seed=5) is None   # an older build: never briefed
     assert warmstart.seller_briefs("checkpoints/warmstart", seed=5) is None
+    assert warmstart.checkpoint_family("checkpoints/warmstart-plan") == ("linear", 1.0, True)   # shipped, briefed
+    assert warmstart.seller_briefs("checkpoints/warmstart-plan", seed=5).strategy == "linear"
     (tmp_path / "warmstart_metrics.json").write_text(json.dumps(
         {"seller_family": {"strategy": "conceder", "jitter": 0.5, "plan": True}}))
     briefs = warmstart.seller_briefs(str(tmp_path), seed=5, group_size=8)
