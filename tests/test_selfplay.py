@@ -284,8 +284,8 @@ def test_selfplay_on_vllm_serves_both_adapters_and_the_snapshots(tmp_path):
     cmd = [sys.executable, "train.py", SELFPLAY, f"out_dir={out}", "rollout.products_per_step=2", "train.steps=3",
            "eval.episodes_per_product=0", "selfplay.mode=alternate", "selfplay.switch_every=1",
            "selfplay.snapshot_every=1", "selfplay.max_snapshots=1", "log.progress=false", "engine.kind=vllm",
-           "engine.max_model_len=1024", "engine.enforce_eager=true", "selfplay.league_latest=0", "selfplay.league_snapshots=1",
-           "selfplay.league_base=0", "selfplay.league_scripted=0"]
+           "engine.max_model_len=1024", "engine.enforce_eager=true", "selfplay.league_latest=0",
+           "selfplay.league_snapshots=1", "selfplay.league_base=0", "selfplay.league_scripted=0"]
     env_vars = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env_vars)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
