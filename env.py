@@ -343,12 +343,24 @@ def _ladder_prices(budget: float) -> tuple[float, ...]:
     return tuple(_cents(f * budget) for f in LADDER)
 
 
-def ladder_rung(price: float, budget: float) -> str:
-    """The letter of the cheapest rung at or above `price`, or "over" when the price is above every rung."""
+# ASK_HIGH. A buyer taught on the graded view (warmstart.py --graded-view) reads an ask above its top rung as
+# "over" while it is at most ASK_HIGH x its budget and as "high" beyond. Why: with one word for both, the trained
+# buyer could not tell a seller whose floor sits just above rung g (there its last bid must be h) from one that has
+# barely moved (there h is the worst bid that can still be taken), so GRPO against the linear family moved its last
+# bid to h everywhere and lost to the hard-liner (README, issue 12). Measured with the scripted sellers on the 802
+# train products x 4: when the round-5 ask is above ASK_HIGH x budget, the linear family (jitter 1.0) takes no last
+# bid at all (no rung pays), so GRPO leaves that state to the KL; 91% of the hard-liner's (jitter 0.5) games are
+# there, and a last bid on f pays 0.26 on average, h 0.10.
+ASK_HIGH = 1.1
+
+
+def ladder_rung(price: float, budget: float, graded: bool = False) -> str:
+    """The letter of the cheapest rung at or above `price`, or "over" when the price is above every rung (graded:
+    "over" up to ASK_HIGH x budget, "high" beyond)."""
     for letter, rung in zip(LADDER_LETTERS, ladder_prices(budget)):
         if price <= rung + 1e-9:
             return letter
-    return "over"
+    return "high" if graded and price > ASK_HIGH * budget + 1e-9 else "over"
 
 
 def expand_ladder(text: str, budget: float, last_sell: float | None) -> str:
@@ -378,15 +390,16 @@ def _write_rung_price(text, offer: str, rung_re, letters: str, prices, other_off
     return "\n".join(lines)
 
 
-def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style: str) -> str:
+def buyer_view(message: str, scenario: Scenario, last_sell: float | None, style: str, graded: bool = False) -> str:
     """What the buyer reads after a seller turn. In the ladder style: only the seller's action (no Talk, no
-    codename), plus the rung of the offer a [DEAL] would accept. Why so terse: on a CPU the sequence length is the
-    cost of every step, the Talk of a scripted seller says nothing its action does not, and a tiny model reads the
-    letters, not the prose. Every other style reads the relayed message as it is."""
+    codename), plus the rung of the offer a [DEAL] would accept (graded: an ask above every rung says how far, see
+    ASK_HIGH). Why so terse: on a CPU the sequence length is the cost of every step, the Talk of a scripted seller
+    says nothing its action does not, and a tiny model reads the letters, not the prose. Every other style reads
+    the relayed message as it is."""
     if style != "ladder":
         return message
     view = "Seller " + parse_action(message, "seller").format()   # a relayed message always parses
-    return view if last_sell is None else f"{view}\nAsk rung: {ladder_rung(last_sell, scenario.budget)}"
+    return view if last_sell is None else f"{view}\nAsk rung: {ladder_rung(last_sell, scenario.budget, graded)}"
 
 
 # SELLER_PLAN. A seller may be briefed with its plan: the rung it means to ask in each round, drawn per game from a
@@ -593,9 +606,10 @@ class LLMPlayer:
     def __init__(self, engine, role: str, temperature: float = 1.0, max_tokens: int = 256,
                  adapter: bool | None = None, persona: str = "", style: str = "full",
                  description_chars: int = 400, max_context: int = 8192, seed: int | None = None,
-                 briefs: "ScriptedSeller | None" = None):
+                 briefs: "ScriptedSeller | None" = None, graded_view: bool = False):
         self.engine, self.role, self.temperature, self.max_tokens = engine, role, temperature, max_tokens
         self.briefs = briefs   # a seller's private plan per game, from this family's draw (see SELLER_PLAN)
+        self.graded_view = graded_view   # a buyer reads an ask above its rungs as "over" or "high" (see ASK_HIGH)
         self.adapter = (role == "buyer") if adapter is None else adapter  # the policy buys; the base sells
         self.persona, self.style, self.description_chars = persona, style, description_chars
         self.max_context, self.seed = max_context, seed
@@ -615,7 +629,7 @@ class LLMPlayer:
             conv.add_context(self.format.opening(opening))
         else:
             if self.role == "buyer":
-                message = buyer_view(message, neg.scenario, neg.last_sell, self.style)
+                message = buyer_view(message, neg.scenario, neg.last_sell, self.style, self.graded_view)
             conv.add_context(self.format.continuation(message, game.state.get(self.role + "_finished", True)))
         return conv
 

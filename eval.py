@@ -761,9 +761,12 @@ def make_buyer(args, engine, endpoints: dict, buyer: dict):
                               max_tokens=args.buyer_max_tokens, description_chars=args.description_chars)
     if buyer["kind"] == "adapter":
         select_adapter(engine, buyer)
+    import warmstart   # a warm start taught on the graded view is shown it here too (env.ASK_HIGH)
+    base = getattr(args, "resolved_base_model", None)
     return env.LLMPlayer(engine, "buyer", temperature=args.buyer_temp, max_tokens=args.buyer_max_tokens,
                          adapter=buyer["kind"] == "adapter", style=args.style,
-                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed)
+                         description_chars=args.description_chars, max_context=args.max_context, seed=args.seed,
+                         graded_view=bool(base) and args.style == "ladder" and warmstart.graded_view(base))
 
 
 def make_seller(args, engine, endpoints: dict, persona: str, seller: dict):

@@ -627,10 +627,12 @@ def build_seller(cfg, engine, endpoint, seed: int, group_size: int = 1):
 
 
 def build_buyer(cfg, engine, seed: int, temperature: float | None = None):
+    import warmstart   # a warm start taught on the graded view is shown it here too (env.ASK_HIGH)
     r = cfg.rollout
     return env.LLMPlayer(engine, "buyer", r.buyer_temperature if temperature is None else temperature,
                          r.buyer_max_tokens, adapter=True, style=r.style, description_chars=r.description_chars,
-                         max_context=r.max_context, seed=seed)
+                         max_context=r.max_context, seed=seed,
+                         graded_view=r.style == "ladder" and warmstart.graded_view(cfg.model.name))
 
 
 def league_players(cfg, engine, pairings: list[dict], seed: int):

@@ -5,6 +5,8 @@ adapter off, the frozen LLM seller it bargains with), and the scripted baselines
     python warmstart.py --out /tmp/ws --steps 200         # a quicker, weaker one
     python warmstart.py --baselines                       # scripted buyers' average and the best response only
     python warmstart.py --out DIR --evaluate              # re-measure a checkpoint and rewrite its WARMSTART.md
+    python warmstart.py --init checkpoints/warmstart-plan --out checkpoints/warmstart-graded --seller-plan \
+        --graded-view --steps 400 --lr 1e-3 --no-search   # the briefed build, its buyer taught the graded view
 
 What it does, top to bottom:
 1. Plays scripted episodes on the TRAIN products: `env.LadderBuyer` teachers (each game draws its own concession
@@ -25,10 +27,10 @@ Deliberate choices:
 - No arithmetic and no copying of digits: in the ladder style (env.LADDER) the buyer's actions are eight rungs,
   30%..95% of its budget, under the letters a..h. A reply is "Thought: <letter>" then "Action: [BUY] <letter>", or
   "Action: [DEAL]" when the seller's ask sits at or below the chosen rung (the buyer reads "Ask rung: <letter>"
-  after each offer). The letter is the whole strategy, so GRPO's credit lands on one token per round, and the top
-  rung is below the budget, so an offer never overshoots. (A 1.6M model supervised on free-form prices learnt the
-  format, not the prices; an earlier ladder that made the model copy the rung's price slipped digits in 14% of
-  held-out episodes.)
+  after each offer; with --graded-view an ask above every rung reads "over" or "high", env.ASK_HIGH). The letter
+  is the whole strategy, so GRPO's credit lands on one token per round, and the top rung is below the budget, so
+  an offer never overshoots. (A 1.6M model supervised on free-form prices learnt the format, not the prices; an
+  earlier ladder that made the model copy the rung's price slipped digits in 14% of held-out episodes.)
 - The teachers differ only in their schedule of letters: each game draws one of the 1,716 non-decreasing
   schedules, so the warm start imitates a broad mixture in which every round's rung is open, and GRPO has room to
   move towards the better schedules (and to react to the seller's asks): `best_response` measures how much room.
@@ -51,6 +53,7 @@ import reward
 
 SELLER_STRATEGY, SELLER_JITTER = "linear", 1.0   # the scripted seller family (see seller_family)
 SELLER_PLAN = False   # --seller-plan: the seller is briefed with its plan for the game (env.SELLER_PLAN)
+GRADED_VIEW = False   # --graded-view: the buyer reads an ask above its rungs as "over" or "high" (env.ASK_HIGH)
 MAX_ROUNDS = 6
 REPLY_MAX_TOKENS = 32   # a ladder reply is ~20 tokens; more is never needed
 SELLER_TEMPERATURES = (1.0, 0.7)   # the LLM seller is measured at the CPU default's temperature and the paper's
@@ -100,6 +103,17 @@ def checkpoint_family(checkpoint: str) -> tuple[str, float, bool]:
     argv = meta.get("argv", [])
     flag = lambda name, default: argv[argv.index(name) + 1] if name in argv[:-1] else default
     return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER)), False
+
+
+def graded_view(checkpoint: str) -> bool:
+    """Whether a warm start's buyer was taught on the graded view (--graded-view, env.ASK_HIGH): its
+    warmstart_metrics.json "buyer_view" is "graded". Every player of that checkpoint as the buyer must read the same
+    view (train.py, eval.py); any other model reads the plain one."""
+    path = os.path.join(checkpoint, FAMILY_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("buyer_view") == "graded"
 
 
 def family_of(checkpoint: str) -> tuple[str, float]:
@@ -168,7 +182,8 @@ def buyer_turns(game: env.Game) -> list[dict]:
         seen = env.parse_action(turn.relayed, "seller")  # the action after regulation, as relayed
         last_sell = seen.price if seen.kind == "SELL" else last_sell
         if i + 1 < len(neg.transcript):
-            turns.append({"role": "user", "content": env.buyer_view(turn.relayed, neg.scenario, last_sell, "ladder")})
+            turns.append({"role": "user", "content": env.buyer_view(turn.relayed, neg.scenario, last_sell, "ladder",
+                                                                    GRADED_VIEW)})
     return turns
 
 
@@ -281,7 +296,7 @@ def evaluate_buyer(model, tokenizer, scenarios, episodes_per_product: int = 4, s
     from engine import HFEngine
     rep = [s for s in scenarios for _ in range(episodes_per_product)]
     buyer = env.LLMPlayer(HFEngine(model, tokenizer), "buyer", temperature=temperature,
-                          max_tokens=REPLY_MAX_TOKENS, adapter=True, style="ladder", seed=seed)
+                          max_tokens=REPLY_MAX_TOKENS, adapter=True, style="ladder", seed=seed, graded_view=GRADED_VIEW)
     games = env.play(rep, buyer, seller_family(seed), MAX_ROUNDS)
     return reward.summarize(g.outcome for g in games), games
 
@@ -307,7 +322,7 @@ def evaluate_self_play(model, tokenizer, scenarios, episodes_per_product: int = 
     engine = HFEngine(model, tokenizer)
     rep = [s for s in scenarios for _ in range(episodes_per_product)]
     buyer = env.LLMPlayer(engine, "buyer", temperature=buyer_temperature, max_tokens=REPLY_MAX_TOKENS,
-                          adapter=True, style="ladder", seed=seed)
+                          adapter=True, style="ladder", seed=seed, graded_view=GRADED_VIEW)
     seller = env.LLMPlayer(engine, "seller", temperature=seller_temperature, max_tokens=REPLY_MAX_TOKENS,
                            adapter=False, style="ladder", seed=seed + 1, briefs=seller_family(seed) if SELLER_PLAN else None)
     return reward.summarize(g.outcome for g in env.play(rep, buyer, seller, MAX_ROUNDS))
@@ -445,7 +460,8 @@ def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted:
     with open(os.path.join(out_dir, "warmstart_metrics.json"), "w") as f:
         json.dump({"held_out": m, "seller": result.get("seller"), "self_play": result.get("self_play"),
                    "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed,
-                   "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER, "plan": SELLER_PLAN}},
+                   "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER, "plan": SELLER_PLAN},
+                   "buyer_view": "graded" if GRADED_VIEW else "rungs"},
                   f, indent=1)
 
 
@@ -505,8 +521,13 @@ def main(argv=None) -> None:
     p.add_argument("--seller-jitter", type=float, default=SELLER_JITTER)
     p.add_argument("--seller-plan", action="store_true", help="brief the seller with its plan for the game (the "
                    "rung per round of its drawn type) in its opening: one type per game, as its teacher plays")
+    p.add_argument("--graded-view", action="store_true", help="teach the buyer to read an ask above its top rung as "
+                   "'over' (at most 1.1 x its budget) or 'high' (beyond), env.ASK_HIGH; recorded, so train.py and "
+                   "eval.py show it the same view")
     a = p.parse_args(argv)
     set_seller_family(a.seller_strategy, a.seller_jitter, a.seller_plan)
+    global GRADED_VIEW
+    GRADED_VIEW = a.graded_view
     train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
     if a.baselines:
         print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))

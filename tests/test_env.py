@@ -266,6 +266,10 @@ def test_ladder_rungs_and_the_rung_of_an_ask():
     assert env.ladder_prices(80.0) == [24.0, 32.0, 40.0, 48.0, 56.0, 64.0, 72.0, 76.0]
     assert [env.ladder_rung(p, 80.0) for p in (1.0, 24.0, 24.01, 40.0, 40.01, 76.0, 76.01, 80.0)] == \
         ["a", "a", "b", "c", "d", "h", "over", "over"]
+    # graded (env.ASK_HIGH): above the top rung, "over" up to 1.1 x the budget (88.00 here), "high" beyond
+    assert [env.ladder_rung(p, 80.0, graded=True) for p in (76.0, 76.01, 88.0, 88.01, 200.0)] == \
+        ["h", "over", "over", "high", "high"]
+    assert env.ladder_rung(88.01, 80.0) == "over"   # the plain view has one word for both
 
 
 @pytest.mark.parametrize("text,last_sell,expected", [
@@ -325,6 +329,10 @@ def test_ladder_buyer_reads_the_sellers_action_and_the_rung_of_the_ask():
     assert env.buyer_view("Talk: x\nAction: [REJECT]", S, None, "ladder") == "Seller [REJECT]"
     assert env.buyer_view("Talk: x\nAction: [REJECT]", S, 60.0, "ladder") == "Seller [REJECT]\nAsk rung: f"
     assert env.buyer_view("Talk: x\nAction: [SELL] $60.00", S, 60.0, "compact") == "Talk: x\nAction: [SELL] $60.00"
+    far = "Talk: x\nAction: [SELL] $95.00 (1x B0TEST0001)"
+    assert env.buyer_view(far, S, 95.0, "ladder") == "Seller [SELL] $95.00\nAsk rung: over"
+    assert env.buyer_view(far, S, 95.0, "ladder", graded=True) == "Seller [SELL] $95.00\nAsk rung: high"
+    assert env.buyer_view(far, S, 95.0, "compact", graded=True) == far   # only the ladder style has rungs
 
 
 # --- the seller's ladder: rungs from cost to list price ----------------------------------------------------------

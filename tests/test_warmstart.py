@@ -133,3 +133,48 @@ def test_a_checkpoint_names_the_family_it_was_taught_and_trains_scripted_opponen
     seller = train.league_player(cfg, None, "seller", "scripted", seed=5, group_size=8)
     assert (seller.strategy, seller.jitter, seller.seed, seller.group_size, seller.style) == ("mixed", 1.0, 5, 8,
                                                                                               "ladder")
+
+
+def test_a_graded_view_build_is_taught_in_the_trainers_layout_and_every_buyer_of_it_reads_that_view(
+        scenarios, tiny_model_dir, tmp_path, monkeypatch):
+    """warmstart.py --graded-view (env.ASK_HIGH): the buyer's supervised transcripts say "high" for an ask far above
+    its budget, token for token as an LLM buyer with graded_view reads it; the build records it, and train.py's and
+    eval.py's buyers on that checkpoint read the same view (any other checkpoint: the plain one)."""
+    import json
+    import types
+
+    from transformers import AutoTokenizer
+
+    import config
+    import eval as evaluation
+    import train
+
+    monkeypatch.setattr(warmstart, "GRADED_VIEW", True)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher_games = warmstart.scripted_games(scenarios[:100], 24, seed=3)
+    rounds = max(g.outcome.rounds for g in teacher_games)
+    calls = [[[t.text for t in g.outcome.transcript if t.role == "buyer"][r]
+              for g in teacher_games if g.outcome.rounds > r] for r in range(rounds)]
+    buyer = env.LLMPlayer(ReplayEngine(tok, calls), "buyer", max_tokens=32, style="ladder", graded_view=True)
+    replayed = env.play([g.negotiation.scenario for g in teacher_games], buyer, warmstart.seller_family(3),
+                        warmstart.MAX_ROUNDS)
+    fmt = env.ChatFormat(tok)
+    for teacher, played in zip(teacher_games, replayed):
+        example = warmstart.render_buyer(teacher, fmt)
+        assert (example.ids, example.mask) == (played.state["buyer"].ids, played.state["buyer"].mask)
+    texts = [tok.decode(warmstart.render_buyer(g, fmt).ids) for g in teacher_games]
+    assert any("Ask rung: high" in t for t in texts) and any("Ask rung: over" in t for t in texts)
+
+    assert not warmstart.graded_view(str(tmp_path))   # no record: the plain view
+    assert not warmstart.graded_view("checkpoints/warmstart-plan")
+    (tmp_path / "warmstart_metrics.json").write_text(json.dumps({"buyer_view": "graded"}))
+    assert warmstart.graded_view(str(tmp_path))
+    engine = ReplayEngine(tok, [])
+    for name, graded in ((str(tmp_path), True), ("checkpoints/warmstart-plan", False)):
+        cfg = config.load_config("configs/cpu.yaml", [f"model.name={name}"])
+        assert train.build_buyer(cfg, engine, seed=0).graded_view is graded
+        args = types.SimpleNamespace(buyer_temp=1.0, buyer_max_tokens=16, style="ladder", description_chars=400,
+                                     max_context=1024, seed=0, resolved_base_model=name)
+        assert evaluation.make_buyer(args, engine, {}, {"kind": "base"}).graded_view is graded
+        args.style = "compact"   # no rungs, nothing to grade
+        assert evaluation.make_buyer(args, engine, {}, {"kind": "base"}).graded_view is False
