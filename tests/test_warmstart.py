@@ -167,6 +167,8 @@ def test_a_graded_view_build_is_taught_in_the_trainers_layout_and_every_buyer_of
 
     assert not warmstart.graded_view(str(tmp_path))   # no record: the plain view
     assert not warmstart.graded_view("checkpoints/warmstart-plan")
+    assert warmstart.graded_view("checkpoints/warmstart-graded")   # shipped, taught the graded view
+    assert warmstart.checkpoint_family("checkpoints/warmstart-graded") == ("linear", 1.0, True)   # and briefed
     (tmp_path / "warmstart_metrics.json").write_text(json.dumps({"buyer_view": "graded"}))
     assert warmstart.graded_view(str(tmp_path))
     engine = ReplayEngine(tok, [])
