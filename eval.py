@@ -7,7 +7,7 @@
     python eval.py --ckpt scripted --seller scripted:boulware --products 16 --episodes 1   # seconds, no model
     python eval.py ... --resume                                      # continue an interrupted evaluation
     python eval.py ... --run runs/cpu                                # add the training curves to the report
-    python eval.py --ckpt runs/cpu/step_000080 --ckpt runs/cpu-selfplay/step_000080 --seller base \
+    python eval.py --ckpt runs/cpu-warmstart/step_000070 --ckpt runs/cpu-selfplay/step_000080 --seller base \
                    --seller runs/cpu-selfplay/step_000080 --seller scripted:linear --exploitability   # cross-play
 
 The default protocol is the paper's: the 128 held-out test products (data.split_scenarios, seed 0) x 4 episodes,

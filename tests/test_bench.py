@@ -146,3 +146,19 @@ def test_seller_families_room_on_a_few_products(scenarios, monkeypatch):
     end = r["best_schedule"][-1]
     if end in (6, 7):   # the best schedule is also the best of its ending: the same schedule, the same episodes
         assert r["best_g" if end == 6 else "best_h"] == r["best"]
+
+
+def test_last_bids_table_behind_the_graded_view(monkeypatch):
+    """bench/last_bids.py on the train products: the claims env.ASK_HIGH rests on. Against the linear family (what
+    the LLM seller imitates) no last bid pays once the round-5 ask is beyond ASK_HIGH x the budget; the hard-liner
+    plays most of its games there, and h is its worst last bid there."""
+    import data
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import last_bids
+    train, _ = data.split_scenarios(data.load_scenarios(), seed=0)
+    linear, hardliner = last_bids.last_bid_values("linear:1.0", train), last_bids.last_bid_values("hardliner:0.5", train)
+    assert sum(row["share"] for row in linear.values()) == pytest.approx(1.0)
+    assert all(linear["high"][b] == 0 for b in last_bids.BIDS)
+    assert linear["over"]["h"] > linear["over"]["g"]   # the training seller rewards h just over the rungs
+    assert hardliner["high"]["share"] > 0.8
+    assert min(hardliner["high"][b] for b in last_bids.BIDS) == hardliner["high"]["h"]

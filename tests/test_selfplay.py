@@ -205,10 +205,10 @@ def test_a_crossplay_buyer_on_another_base_stops_at_config_time(tmp_path):
         (tmp_path / name / "adapter").mkdir(parents=True)
         (tmp_path / name / "adapter" / "adapter_config.json").write_text(
             json.dumps({"base_model_name_or_path": str(ROOT / base)}))
-    ok = ["selfplay.mode=alternate", f"eval.crossplay_buyers=[{tmp_path / 'same'}]"]
-    config.load_config(CPU, ok).validate()
+    run = ["model.name=checkpoints/warmstart", "selfplay.mode=alternate"]
+    config.load_config(CPU, run + [f"eval.crossplay_buyers=[{tmp_path / 'same'}]"]).validate()
     with pytest.raises(config.ConfigError, match=r"eval\.crossplay_buyers.*warmstart-mixed"):
-        config.load_config(CPU, ["selfplay.mode=alternate", f"eval.crossplay_buyers=[{tmp_path / 'other'}]"]).validate()
+        config.load_config(CPU, run + [f"eval.crossplay_buyers=[{tmp_path / 'other'}]"]).validate()
 
 
 def test_selfplay_run_saves_both_adapters_and_snapshots_and_resumes(tmp_path):
