@@ -85,6 +85,16 @@ def seller_family(seed: int = 0, group_size: int = 1, family: tuple[str, float] 
 FAMILY_FILE = "warmstart_metrics.json"   # a build writes its family there ("seller_family"), beside its argv
 
 
+def build_record(checkpoint: str) -> dict:
+    """A warm start's FAMILY_FILE (what its build was taught: family, plans, the buyer's view), or {} for any other
+    model (e.g. a hub model, which has no such file)."""
+    path = os.path.join(checkpoint, FAMILY_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def checkpoint_family(checkpoint: str) -> tuple[str, float, bool]:
     """(strategy, jitter, plan): the scripted family a warm-start checkpoint was taught against and whether its
     seller was briefed with its plan (--seller-plan), from its warmstart_metrics.json: "seller_family" if the build
@@ -92,11 +102,7 @@ def checkpoint_family(checkpoint: str) -> tuple[str, float, bool]:
     other model, e.g. a hub model with no such file) this module's default family, unbriefed. Why it matters: the
     LLM seller of a run imitates this family, so it is the run's "scripted family" opponent (league, cross-play),
     and a briefed seller reads a prompt it never saw unless it is briefed again."""
-    path = os.path.join(checkpoint, FAMILY_FILE)
-    if not os.path.isfile(path):
-        return SELLER_STRATEGY, SELLER_JITTER, False
-    with open(path) as f:
-        meta = json.load(f)
+    meta = build_record(checkpoint)
     if "seller_family" in meta:
         family = meta["seller_family"]
         return family["strategy"], float(family["jitter"]), bool(family.get("plan", False))
@@ -109,11 +115,7 @@ def graded_view(checkpoint: str) -> bool:
     """Whether a warm start's buyer was taught on the graded view (--graded-view, env.ASK_HIGH): its
     warmstart_metrics.json "buyer_view" is "graded". Every player of that checkpoint as the buyer must read the same
     view (train.py, eval.py); any other model reads the plain one."""
-    path = os.path.join(checkpoint, FAMILY_FILE)
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("buyer_view") == "graded"
+    return build_record(checkpoint).get("buyer_view") == "graded"
 
 
 def family_of(checkpoint: str) -> tuple[str, float]:
