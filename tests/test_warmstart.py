@@ -26,15 +26,19 @@ class ReplayEngine:
         return outs
 
 
-def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
+@pytest.mark.parametrize("graded", [False, True])
+def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir, monkeypatch, graded):
+    """The buyer's supervised transcripts are, token for token, what an LLM buyer builds when it generates the same
+    replies; with --graded-view (env.ASK_HIGH) on both sides, an ask far above the budget reads "high" in both."""
     from transformers import AutoTokenizer
 
+    monkeypatch.setattr(warmstart, "GRADED_VIEW", graded)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     teacher_games = warmstart.scripted_games(scenarios[:100], 24, seed=3)
     rounds = max(g.outcome.rounds for g in teacher_games)
     calls = [[[t.text for t in g.outcome.transcript if t.role == "buyer"][r]
               for g in teacher_games if g.outcome.rounds > r] for r in range(rounds)]
-    buyer = env.LLMPlayer(ReplayEngine(tok, calls), "buyer", max_tokens=32, style="ladder")
+    buyer = env.LLMPlayer(ReplayEngine(tok, calls), "buyer", max_tokens=32, style="ladder", graded_view=graded)
     replayed = env.play([g.negotiation.scenario for g in teacher_games], buyer, warmstart.seller_family(3),
                         warmstart.MAX_ROUNDS)
     fmt = env.ChatFormat(tok)
@@ -46,6 +50,9 @@ def test_supervised_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
         assert example.mask == conv.mask
     decoded = tok.decode(warmstart.render_buyer(teacher_games[0], fmt).ids)
     assert "Ask rung: " in decoded and "Talk:" not in decoded   # the ladder view: action and rung only
+    texts = [tok.decode(warmstart.render_buyer(g, fmt).ids) for g in teacher_games]
+    assert any("Ask rung: over" in t for t in texts)
+    assert any("Ask rung: high" in t for t in texts) is graded
 
 
 def test_supervised_seller_layout_is_the_trainers_layout(scenarios, tiny_model_dir):
@@ -135,11 +142,10 @@ def test_a_checkpoint_names_the_family_it_was_taught_and_trains_scripted_opponen
                                                                                               "ladder")
 
 
-def test_a_graded_view_build_is_taught_in_the_trainers_layout_and_every_buyer_of_it_reads_that_view(
-        scenarios, tiny_model_dir, tmp_path, monkeypatch):
-    """warmstart.py --graded-view (env.ASK_HIGH): the buyer's supervised transcripts say "high" for an ask far above
-    its budget, token for token as an LLM buyer with graded_view reads it; the build records it, and train.py's and
-    eval.py's buyers on that checkpoint read the same view (any other checkpoint: the plain one)."""
+def test_a_graded_view_build_is_recorded_and_every_buyer_of_it_reads_that_view(tiny_model_dir, tmp_path):
+    """warmstart.py --graded-view (env.ASK_HIGH) is recorded with the build, and train.py's and eval.py's buyers on
+    that checkpoint read the same view (any other checkpoint: the plain one). That the build teaches exactly what
+    such a buyer reads is test_supervised_layout_is_the_trainers_layout[True]."""
     import json
     import types
 
@@ -149,22 +155,7 @@ def test_a_graded_view_build_is_taught_in_the_trainers_layout_and_every_buyer_of
     import eval as evaluation
     import train
 
-    monkeypatch.setattr(warmstart, "GRADED_VIEW", True)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    teacher_games = warmstart.scripted_games(scenarios[:100], 24, seed=3)
-    rounds = max(g.outcome.rounds for g in teacher_games)
-    calls = [[[t.text for t in g.outcome.transcript if t.role == "buyer"][r]
-              for g in teacher_games if g.outcome.rounds > r] for r in range(rounds)]
-    buyer = env.LLMPlayer(ReplayEngine(tok, calls), "buyer", max_tokens=32, style="ladder", graded_view=True)
-    replayed = env.play([g.negotiation.scenario for g in teacher_games], buyer, warmstart.seller_family(3),
-                        warmstart.MAX_ROUNDS)
-    fmt = env.ChatFormat(tok)
-    for teacher, played in zip(teacher_games, replayed):
-        example = warmstart.render_buyer(teacher, fmt)
-        assert (example.ids, example.mask) == (played.state["buyer"].ids, played.state["buyer"].mask)
-    texts = [tok.decode(warmstart.render_buyer(g, fmt).ids) for g in teacher_games]
-    assert any("Ask rung: high" in t for t in texts) and any("Ask rung: over" in t for t in texts)
-
     assert not warmstart.graded_view(str(tmp_path))   # no record: the plain view
     assert not warmstart.graded_view("checkpoints/warmstart-plan")
     assert warmstart.graded_view("checkpoints/warmstart-graded")   # shipped, taught the graded view
