@@ -118,6 +118,18 @@ def graded_view(checkpoint: str) -> bool:
     return build_record(checkpoint).get("buyer_view") == "graded"
 
 
+def adopt_build(checkpoint: str) -> None:
+    """--evaluate measures a checkpoint as it was built: its family, plans and buyer view from its record, whatever
+    the flags say. Why: the evaluation rewrites that record, so re-measuring warmstart-graded without --graded-view
+    (or warmstart-plan without --seller-plan) would have played it on a prompt it never saw and then recorded it
+    wrongly, and every later run would show it that prompt."""
+    global GRADED_VIEW
+    strategy, jitter, plan = checkpoint_family(checkpoint)
+    set_seller_family(strategy, jitter, plan)
+    GRADED_VIEW = graded_view(checkpoint)
+    print(f"{checkpoint}: as built, family {strategy} jitter {jitter}, plan {plan}, graded view {GRADED_VIEW}")
+
+
 def family_of(checkpoint: str) -> tuple[str, float]:
     """(strategy, jitter) of checkpoint_family."""
     return checkpoint_family(checkpoint)[:2]
@@ -516,7 +528,8 @@ def main(argv=None) -> None:
     p.add_argument("--baselines", action="store_true", help="only print the scripted baselines and best response")
     p.add_argument("--no-search", action="store_true", help="skip the best-response search (about 2 minutes)")
     p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint in --out and rewrite its "
-                   "WARMSTART.md (with --build-log: the build's printed log, for its steps and time)")
+                   "WARMSTART.md (with --build-log: the build's printed log, for its steps and time); a checkpoint "
+                   "with a record is measured as it was built (family, plans, buyer view), whatever the flags say")
     p.add_argument("--build-log", default="")
     p.add_argument("--seller-strategy", default=SELLER_STRATEGY, help="the scripted family both roles are taught "
                    f"against: one of env.ScriptedSeller.STRATEGIES or 'mixed' (default {SELLER_STRATEGY})")
@@ -530,6 +543,8 @@ def main(argv=None) -> None:
     set_seller_family(a.seller_strategy, a.seller_jitter, a.seller_plan)
     global GRADED_VIEW
     GRADED_VIEW = a.graded_view
+    if a.evaluate and build_record(a.out):
+        adopt_build(a.out)
     train_s, test_s = data.split_scenarios(data.load_scenarios(skip_bad=True), seed=0)
     if a.baselines:
         print(json.dumps(baselines(train_s, test_s, search=not a.no_search), indent=1))

@@ -171,3 +171,16 @@ def test_a_graded_view_build_is_recorded_and_every_buyer_of_it_reads_that_view(t
         assert evaluation.make_buyer(args, engine, {}, {"kind": "base"}).graded_view is graded
         args.style = "compact"   # no rungs, nothing to grade
         assert evaluation.make_buyer(args, engine, {}, {"kind": "base"}).graded_view is False
+
+
+def test_evaluate_measures_a_checkpoint_as_it_was_built(monkeypatch):
+    """warmstart.py --evaluate rewrites the checkpoint's record, so it takes the build's settings from that record,
+    not from flags left out: re-measuring the shipped graded warm start keeps it briefed and graded."""
+    for name in ("SELLER_STRATEGY", "SELLER_JITTER", "SELLER_PLAN", "GRADED_VIEW"):
+        monkeypatch.setattr(warmstart, name, getattr(warmstart, name))
+    warmstart.adopt_build("checkpoints/warmstart-graded")
+    assert (warmstart.SELLER_STRATEGY, warmstart.SELLER_JITTER, warmstart.SELLER_PLAN, warmstart.GRADED_VIEW) == \
+        ("linear", 1.0, True, True)
+    warmstart.adopt_build("checkpoints/warmstart-mixed")
+    assert (warmstart.SELLER_STRATEGY, warmstart.SELLER_JITTER, warmstart.SELLER_PLAN, warmstart.GRADED_VIEW) == \
+        ("mixed", 1.0, False, False)
