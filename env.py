@@ -347,11 +347,13 @@ def _ladder_prices(budget: float) -> tuple[float, ...]:
 # "over" while it is at most ASK_HIGH x its budget and as "high" beyond. Why: with one word for both, the trained
 # buyer could not tell a seller whose floor sits just above rung g (there its last bid must be h) from one that has
 # barely moved (there h is the worst bid that can still be taken), so GRPO against the linear family moved its last
-# bid to h everywhere and lost to the hard-liner (README, issue 12). Measured with the scripted sellers on the 802
-# train products x 4: when the round-5 ask is above ASK_HIGH x budget, the linear family (jitter 1.0) takes no last
-# bid at all (no rung pays), so GRPO leaves that state to the KL; 91% of the hard-liner's (jitter 0.5) games are
-# there, and a last bid on f pays 0.26 on average, h 0.10.
-ASK_HIGH = 1.1
+# bid to h everywhere and lost to the hard-liner (README, issue 12). Why 1.05 (`python bench/last_bids.py`, the
+# scripted sellers on the 802 train products x 4): once the round-5 ask is above 1.05 x budget, a last bid against
+# the linear family (jitter 1.0) pays at most 0.03 on average (h), so GRPO leaves that state to the KL; 99% of the
+# hard-liner's (jitter 0.5) games are there, where f pays 0.26 and h 0.10. At 1.1 (the first graded warm start)
+# the boulware's games between 1.05 and 1.1 x budget (15%, where f pays 0.30 and h 0.22) shared "over" with the
+# linear family's (where h pays), and three seeds of GRPO kept less against the boulware and the hard-liner.
+ASK_HIGH = 1.05
 
 
 def ladder_rung(price: float, budget: float, graded: bool = False) -> str:

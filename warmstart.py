@@ -111,11 +111,24 @@ def checkpoint_family(checkpoint: str) -> tuple[str, float, bool]:
     return flag("--seller-strategy", SELLER_STRATEGY), float(flag("--seller-jitter", SELLER_JITTER)), False
 
 
+FIRST_ASK_HIGH = 1.1   # the threshold of the first graded build, whose record did not name it
+
+
 def graded_view(checkpoint: str) -> bool:
     """Whether a warm start's buyer was taught on the graded view (--graded-view, env.ASK_HIGH): its
     warmstart_metrics.json "buyer_view" is "graded". Every player of that checkpoint as the buyer must read the same
-    view (train.py, eval.py); any other model reads the plain one."""
-    return build_record(checkpoint).get("buyer_view") == "graded"
+    view (train.py, eval.py); any other model reads the plain one. The record names the threshold it was taught
+    ("ask_high"); one that differs from env.ASK_HIGH stops here, since the buyer would read "over" and "high" where
+    it never learnt them."""
+    record = build_record(checkpoint)
+    if record.get("buyer_view") != "graded":
+        return False
+    taught = record.get("ask_high", FIRST_ASK_HIGH)
+    if taught != env.ASK_HIGH:
+        raise ValueError(f"{checkpoint}: its buyer was taught the graded view at ask_high {taught} x its budget "
+                         f"({FAMILY_FILE}), but env.ASK_HIGH is {env.ASK_HIGH}: rebuild it with `python warmstart.py "
+                         f"--graded-view` (or --init it and supervise it on this view), or set env.ASK_HIGH = {taught}")
+    return True
 
 
 def adopt_build(checkpoint: str) -> None:
@@ -475,7 +488,8 @@ def write_note(out_dir: str, argv: list[str], seed: int, result: dict, scripted:
         json.dump({"held_out": m, "seller": result.get("seller"), "self_play": result.get("self_play"),
                    "scripted": scripted, "train_log": result["log"], "argv": argv, "seed": seed,
                    "seller_family": {"strategy": SELLER_STRATEGY, "jitter": SELLER_JITTER, "plan": SELLER_PLAN},
-                   "buyer_view": "graded" if GRADED_VIEW else "rungs"},
+                   "buyer_view": "graded" if GRADED_VIEW else "rungs"}
+                  | ({"ask_high": env.ASK_HIGH} if GRADED_VIEW else {}),
                   f, indent=1)
 
 
@@ -537,7 +551,7 @@ def main(argv=None) -> None:
     p.add_argument("--seller-plan", action="store_true", help="brief the seller with its plan for the game (the "
                    "rung per round of its drawn type) in its opening: one type per game, as its teacher plays")
     p.add_argument("--graded-view", action="store_true", help="teach the buyer to read an ask above its top rung as "
-                   "'over' (at most 1.1 x its budget) or 'high' (beyond), env.ASK_HIGH; recorded, so train.py and "
+                   f"'over' (at most {env.ASK_HIGH} x its budget) or 'high' (beyond), env.ASK_HIGH; recorded, so train.py and "
                    "eval.py show it the same view")
     a = p.parse_args(argv)
     set_seller_family(a.seller_strategy, a.seller_jitter, a.seller_plan)

@@ -149,16 +149,25 @@ def test_seller_families_room_on_a_few_products(scenarios, monkeypatch):
 
 
 def test_last_bids_table_behind_the_graded_view(monkeypatch):
-    """bench/last_bids.py on the train products: the claims env.ASK_HIGH rests on. Against the linear family (what
-    the LLM seller imitates) no last bid pays once the round-5 ask is beyond ASK_HIGH x the budget; the hard-liner
-    plays most of its games there, and h is its worst last bid there."""
+    """bench/last_bids.py on the train products: the claims env.ASK_HIGH (1.05) rests on. Against the linear family
+    (what the LLM seller imitates) a last bid hardly pays once the round-5 ask is beyond ASK_HIGH x the budget; the
+    hard-liner plays most of its games there, and h is its worst last bid there. Between 1.05 and 1.1 x the budget
+    (inside "over" at the first threshold, 1.1) the linear family pays little and the boulware rewards f over h."""
     import data
+    import env
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import last_bids
+    assert env.ASK_HIGH == 1.05
     train, _ = data.split_scenarios(data.load_scenarios(), seed=0)
     linear, hardliner = last_bids.last_bid_values("linear:1.0", train), last_bids.last_bid_values("hardliner:0.5", train)
     assert sum(row["share"] for row in linear.values()) == pytest.approx(1.0)
-    assert all(linear["high"][b] == 0 for b in last_bids.BIDS)
+    assert max(linear["high"][b] for b in last_bids.BIDS) < 0.05
     assert linear["over"]["h"] > linear["over"]["g"]   # the training seller rewards h just over the rungs
-    assert hardliner["high"]["share"] > 0.8
+    assert hardliner["high"]["share"] > 0.95
     assert min(hardliner["high"][b] for b in last_bids.BIDS) == hardliner["high"]["h"]
+    band = "<= 1.1 x budget"
+    linear_bands = last_bids.last_bid_values("linear:1.0", train, last_bids.band_of)
+    boulware_bands = last_bids.last_bid_values("boulware:0.5", train, last_bids.band_of)
+    assert sum(row["share"] for row in boulware_bands.values()) == pytest.approx(1.0)
+    assert max(linear_bands[band][b] for b in last_bids.BIDS) < 0.1
+    assert boulware_bands[band]["f"] > boulware_bands[band]["h"] and boulware_bands[band]["share"] > 0.1

@@ -266,10 +266,10 @@ def test_ladder_rungs_and_the_rung_of_an_ask():
     assert env.ladder_prices(80.0) == [24.0, 32.0, 40.0, 48.0, 56.0, 64.0, 72.0, 76.0]
     assert [env.ladder_rung(p, 80.0) for p in (1.0, 24.0, 24.01, 40.0, 40.01, 76.0, 76.01, 80.0)] == \
         ["a", "a", "b", "c", "d", "h", "over", "over"]
-    # graded (env.ASK_HIGH): above the top rung, "over" up to 1.1 x the budget (88.00 here), "high" beyond
-    assert [env.ladder_rung(p, 80.0, graded=True) for p in (76.0, 76.01, 88.0, 88.01, 200.0)] == \
+    # graded (env.ASK_HIGH): above the top rung, "over" up to 1.05 x the budget (84.00 here), "high" beyond
+    assert [env.ladder_rung(p, 80.0, graded=True) for p in (76.0, 76.01, 84.0, 84.01, 200.0)] == \
         ["h", "over", "over", "high", "high"]
-    assert env.ladder_rung(88.01, 80.0) == "over"   # the plain view has one word for both
+    assert env.ladder_rung(84.01, 80.0) == "over"   # the plain view has one word for both
 
 
 @pytest.mark.parametrize("text,last_sell,expected", [

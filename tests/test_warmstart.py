@@ -160,7 +160,13 @@ def test_a_graded_view_build_is_recorded_and_every_buyer_of_it_reads_that_view(t
     assert not warmstart.graded_view("checkpoints/warmstart-plan")
     assert warmstart.graded_view("checkpoints/warmstart-graded")   # shipped, taught the graded view
     assert warmstart.checkpoint_family("checkpoints/warmstart-graded") == ("linear", 1.0, True)   # and briefed
-    (tmp_path / "warmstart_metrics.json").write_text(json.dumps({"buyer_view": "graded"}))
+    # a record names the threshold it was taught; one taught at another (the first build's record named none: 1.1)
+    # stops with the fix instead of showing the buyer words where it never learnt them
+    for record in ({"buyer_view": "graded"}, {"buyer_view": "graded", "ask_high": env.ASK_HIGH + 0.05}):
+        (tmp_path / "warmstart_metrics.json").write_text(json.dumps(record))
+        with pytest.raises(ValueError, match="ask_high .* rebuild it"):
+            warmstart.graded_view(str(tmp_path))
+    (tmp_path / "warmstart_metrics.json").write_text(json.dumps({"buyer_view": "graded", "ask_high": env.ASK_HIGH}))
     assert warmstart.graded_view(str(tmp_path))
     engine = ReplayEngine(tok, [])
     for name, graded in ((str(tmp_path), True), ("checkpoints/warmstart-plan", False)):
