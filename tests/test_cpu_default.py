@@ -91,7 +91,8 @@ def test_cpu_default_learns_on_the_other_engine(tmp_path):
     EPYC: 35 min with one thread beside three other runs (0.316 -> 0.429, probe gap at most 1.6e-5); with the
     trainer on the grouped CPU attention (sdpa_gqa), 31 min beside two others (0.316 -> 0.416, gap at most 1.4e-5).
     From checkpoints/warmstart-graded's first build (ASK_HIGH 1.1), on a 2-core AVX2-only EPYC with one thread
-    beside the fast suite: 23 min 47 s, 0.348 -> 0.447, probe gap at most 7.6e-6, no deal below cost."""
+    beside the fast suite: 23 min 47 s, 0.348 -> 0.447, probe gap at most 7.6e-6, no deal below cost; from its
+    1.05 build, the same way: 26 min 8 s, 0.345 -> 0.434, probe gap at most 2.1e-5, no deal below cost."""
     pytest.importorskip("vllm")
     import subprocess
     import sys
