@@ -21,16 +21,17 @@ import env  # noqa: E402
 
 EPISODES_PER_PRODUCT, ROUNDS, BIDS = 4, 6, "defgh"
 BANDS = (0.95, 1.0, 1.05, 1.1, 1.2)   # upper edges of the round-5 ask / budget bands; the last band is open
+STATES = ("at or under h", "over", "high")
+BAND_LABELS = tuple(f"<= {e} x budget" for e in BANDS) + (f"> {BANDS[-1]} x budget",)
 
 
 def state_of(ask: float, budget: float) -> str:
     rung = env.ladder_rung(ask, budget, graded=True)
-    return rung if rung in ("over", "high") else "at or under h"
+    return rung if rung in ("over", "high") else STATES[0]
 
 
 def band_of(ask: float, budget: float) -> str:
-    edge = next((e for e in BANDS if ask <= e * budget + 1e-9), None)
-    return f"<= {edge} x budget" if edge else f"> {BANDS[-1]} x budget"
+    return BAND_LABELS[next((i for i, e in enumerate(BANDS) if ask <= e * budget + 1e-9), len(BANDS))]
 
 
 def last_bid_values(spec: str, scenarios, state_fn=state_of) -> dict:
@@ -40,19 +41,18 @@ def last_bid_values(spec: str, scenarios, state_fn=state_of) -> dict:
     seller = env.ScriptedSeller(strategy, jitter=float(jitter or 0), seed=1, style="ladder")
     sums, counts, total = collections.defaultdict(collections.Counter), collections.Counter(), 0
     for k, s in enumerate(scenarios):
+        prices = dict(zip(env.LADDER_LETTERS, env.ladder_prices(s.budget)))
         for rep in range(EPISODES_PER_PRODUCT):
             game = env.Game(env.Negotiation(s, ROUNDS, ladder=True), index=k * EPISODES_PER_PRODUCT + rep)
             exponent, margin = seller._params(game)   # this game's drawn type
             round5, last = (seller.ask(s, t, ROUNDS, exponent, margin) for t in (ROUNDS - 2, ROUNDS - 1))
             state = state_fn(round5, s.budget)
-            prices = dict(zip(env.LADDER_LETTERS, env.ladder_prices(s.budget)))
             for letter in BIDS:
                 sums[state][letter] += env.score(s.budget, s.cost, prices[letter]) if prices[letter] >= last else 0.0
             counts[state] += 1
             total += 1
-    order = ["at or under h", "over", "high"] + [band_of(e * 0.999, 1.0) for e in BANDS] + [band_of(1e9, 1.0)]
     return {state: {"share": counts[state] / total} | {b: sums[state][b] / counts[state] for b in BIDS}
-            for state in order if counts[state]}
+            for state in STATES + BAND_LABELS if counts[state]}
 
 
 def main(specs) -> None:
