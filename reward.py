@@ -144,12 +144,11 @@ def bootstrap_ci(values_by_group: dict, n_boot: int = 1000, seed: int = 0, alpha
     if not groups:
         return (math.nan, math.nan)
     rng = random.Random(seed)
+    sums, sizes = [sum(g) for g in groups], [len(g) for g in groups]   # each group's sum once, not per draw
     means = []
     for _ in range(n_boot):
-        pick = [groups[rng.randrange(len(groups))] for _ in groups]
-        total = sum(sum(g) for g in pick)
-        count = sum(len(g) for g in pick)
-        means.append(total / count)
+        pick = [rng.randrange(len(groups)) for _ in groups]
+        means.append(sum(sums[k] for k in pick) / sum(sizes[k] for k in pick))
     means.sort()
     lo = means[int(alpha / 2 * n_boot)]
     hi = means[min(n_boot - 1, int((1 - alpha / 2) * n_boot))]
