@@ -104,6 +104,7 @@ class TrainConfig:
     eps_high: float = 0.28  # PPO clip: ratio ceiling 1 + eps_high (DAPO's clip-higher)
     adv_scale: str = "none"  # "none": A = r - group mean (the paper) | "std": also divide by group std + 1e-4
     kl_coef: float = 0.0  # weight of the k3 KL to the base model (adapter off); 0 = no reference forward at all
+    kl_before_last_round: float = 1.0  # the KL's weight on replies before the game's last round (last round: 1)
     tis_cap: float = 0.0  # truncated importance sampling: weight min(p_trainer / p_engine, cap); 0 = off
     max_bad_updates: int = 3  # stop after this many consecutive updates skipped for NaN/inf loss or gradients
     sharding: str = "none"  # "none": every rank holds the whole model | "fsdp2": base, LoRA, AdamW sharded over ranks
@@ -255,6 +256,7 @@ class Config:
         need(t.eps_high >= 0, "train.eps_high", "must be >= 0, e.g. 0.28")
         need(t.adv_scale in ADV_SCALES, "train.adv_scale", f"use one of {ADV_SCALES}")
         need(t.kl_coef >= 0, "train.kl_coef", "must be >= 0 (0 = no KL, the paper)")
+        need(t.kl_before_last_round >= 0, "train.kl_before_last_round", "must be >= 0 (1 = every round alike)")
         need(t.tis_cap == 0 or t.tis_cap >= 1, "train.tis_cap", "use 0 (off) or a cap >= 1, e.g. 2.0")
         need(t.max_bad_updates >= 1, "train.max_bad_updates", "must be >= 1")
         need(t.sharding in SHARDINGS, "train.sharding", f"use one of {SHARDINGS}")

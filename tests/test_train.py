@@ -262,6 +262,10 @@ def test_buyer_generated_ids_appear_verbatim_with_mask_and_engine_logprobs(multi
             assert mb.engine_logp[row, :n - 1][mb.mask[row, :n - 1] > 0].tolist() == pytest.approx(
                 [lp for call in rec.generations for lp in call[i].logprobs], abs=0)
             assert mb.mask[row, n - 1:].sum() == 0 and mb.attn[row, n:].sum() == 0  # padding is never trained
+            # which reply each trained token is in: generate call k (round k + 1) is reply k, -1 off the mask
+            replies = mb.reply[row, :n - 1][mb.mask[row, :n - 1] > 0].tolist()
+            assert replies == [k for k, call in enumerate(rec.generations) for _ in call[i].token_ids]
+            assert (mb.reply[row][mb.mask[row] == 0] == -1).all()
 
 
 def test_trainer_logprobs_match_the_engine_under_the_same_temperature(policy, multi_turn):
@@ -386,6 +390,55 @@ def test_one_pass_update_equals_scoring_then_updating(policy, multi_turn, kl_coe
     assert g0.abs().sum() > 0 and torch.equal(g0, g1) and n0 == n1
     assert s0 == s1 and m0 == m1 and s1["ratio"] == s1["trained_tokens"]   # every ratio exactly 1
     assert (s1.get("kl_ref", 0.0) > 0) == (kl_coef > 0)   # the reference really differs from the policy
+
+
+def test_reply_index_and_the_kl_round_weights():
+    assert train.reply_index([0, 0, 1, 1, 0, 1, 0, 0, 1]) == [-1, -1, 0, 0, -1, 1, -1, -1, 2]
+    assert train.reply_index([1, 1, 0, 1]) == [0, 0, -1, 1] and train.reply_index([0, 0]) == [-1, -1]
+    w = train.kl_round_weights(torch.tensor([[-1, 0, 4, 5, 5]]), last_round=5, before_last=0.25)
+    assert w.tolist() == [[0.25, 0.25, 0.25, 1.0, 1.0]] and w.dtype == torch.float32
+
+
+def test_kl_before_the_last_round_is_weighted(policy, multi_turn):
+    """train.kl_before_last_round scales the KL on the replies before the last round: the loss is the policy loss
+    plus kl_coef x the token mean of (weight x k3), to float rounding, with weight 1 on the last round's replies."""
+    cfg, model, tokenizer = policy
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    randomise_lora_b(model, std=0.01)   # the policy off the reference, so the KL is not 0
+    games, _, _ = multi_turn
+    convs = [g.state["buyer"] for g in games]
+    last = max(train.reply_index(c.mask)[-2] for c in convs)   # this fixture's last round (its episodes are full)
+    params = [p for p in model.parameters() if p.requires_grad]
+    adv = torch.tensor([0.5, -0.5])
+    losses = {}
+    for kl_coef, before_last in ((0.0, 1.0), (0.5, 1.0), (0.5, 0.25), (0.5, 0.0)):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kl_coef=kl_coef,
+                                                               kl_before_last_round=before_last),
+                                rollout=dataclasses.replace(cfg.rollout, max_rounds=last + 1))
+        opt = torch.optim.SGD(params, lr=0.0)
+        side = buyer_side(c, params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0))
+        stats = {}
+        with one_thread():
+            train.update(model, side, convs, [0, 1], adv, None, None, c, tokenizer.pad_token_id, "cpu", stats, {})
+        losses[(kl_coef, before_last)] = float(stats["loss"])
+        model.zero_grad()
+    (mb,) = train.micro_batches(convs, [0, 1], 10_000, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad(), one_thread():
+        logp, _ = train.token_logprobs(model, mb.ids, mb.attn, cfg.rollout.buyer_temperature, only=mb.mask)
+        with model.disable_adapter():
+            ref, _ = train.token_logprobs(model, mb.ids, mb.attn, cfg.rollout.buyer_temperature, only=mb.mask)
+    with torch.no_grad():
+        for p, v in zip(lora_b, saved):
+            p.copy_(v)
+    kl, m = train.kl_k3(logp, ref), mb.mask
+    on_last = (mb.reply == last).float() * m
+    kl_last, kl_before = (kl * on_last).sum() / m.sum(), (kl * (m - on_last)).sum() / m.sum()
+    assert on_last.sum() > 0 and (m - on_last).sum() > 0 and kl_last > 0 and kl_before > 0
+    base = losses[(0.0, 1.0)]
+    for before_last in (1.0, 0.25, 0.0):
+        expected = base + 0.5 * (kl_last + before_last * kl_before).item()
+        assert losses[(0.5, before_last)] == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
