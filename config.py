@@ -104,7 +104,7 @@ class TrainConfig:
     eps_high: float = 0.28  # PPO clip: ratio ceiling 1 + eps_high (DAPO's clip-higher)
     adv_scale: str = "none"  # "none": A = r - group mean (the paper) | "std": also divide by group std + 1e-4
     kl_coef: float = 0.0  # weight of the k3 KL to the base model (adapter off); 0 = no reference forward at all
-    kl_before_last_round: float = 1.0  # the KL's weight on replies before the game's last round (last round: 1)
+    kl_before_last_round: float = 1.0  # the KL's weight on replies before round rollout.max_rounds (that round: 1)
     tis_cap: float = 0.0  # truncated importance sampling: weight min(p_trainer / p_engine, cap); 0 = off
     max_bad_updates: int = 3  # stop after this many consecutive updates skipped for NaN/inf loss or gradients
     sharding: str = "none"  # "none": every rank holds the whole model | "fsdp2": base, LoRA, AdamW sharded over ranks

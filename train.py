@@ -37,7 +37,7 @@ snapshots, the frozen base, scripted players). The run ends with a cross-play ta
 Deliberate choices:
 - No KL by default (the paper): kl_coef=0 runs no reference forward at all. With kl_coef>0: k3 estimator
   against the same model with the adapter disabled, aggregated like the loss. train.kl_before_last_round < 1
-  weighs it less on the replies before the game's last round (kl_round_weights; the CPU default: 0.05).
+  weighs it less on the replies before round rollout.max_rounds (kl_round_weights; the CPU default: 0.05).
 - Groups never straddle ranks: a rank plays whole groups, so advantages need no communication.
 - The engine's log-probs are not used as "old" log-probs: the trainer recomputes them (same kernels and mode as
   the update, so the first update's ratio is exactly 1). The engine-vs-trainer difference is logged every step
@@ -163,9 +163,9 @@ def reply_index(mask: list[int]) -> list[int]:
 
 
 def kl_round_weights(reply, last_round: int, before_last: float) -> torch.Tensor:
-    """The KL's weight per token: 1 on the replies of the game's last round (reply index last_round), before_last
-    on every earlier one. Why it was tried (issue 12): against every seller measured, the best fixed schedules open
-    alike (a,a,a,a) and differ only in the last bid, so a lighter KL before the last round should let the opening
+    """The KL's weight per token: 1 on the replies of round rollout.max_rounds (reply index last_round), before_last
+    on every earlier one; a game that ended sooner (a deal, a quit) has only earlier ones. Why it was tried (issue
+    12): against every seller measured, the best fixed schedules open alike (a,a,a,a) and differ only in the last bid, so a lighter KL before the last round should let the opening
     move and hold the last bid. Measured (README, "The KL by round", "The last round's KL"): with the last round's
     KL at 0.0125-0.02 the last bid still drifted to h on one seed of three; at 0.032-0.04 with 0.0016 before it
     every unseen seller held on every seed (0.032: configs/cpu.yaml). reply [B, T] (long) -> [B, T] (float32)."""
