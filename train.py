@@ -163,12 +163,13 @@ def reply_index(mask: list[int]) -> list[int]:
 
 
 def kl_round_weights(reply, last_round: int, before_last: float) -> torch.Tensor:
-    """The KL's weight per token: 1 on the replies of round rollout.max_rounds (reply index last_round), before_last
-    on every earlier one; a game that ended sooner (a deal, a quit) has only earlier ones. Why it was tried (issue
-    12): against every seller measured, the best fixed schedules open alike (a,a,a,a) and differ only in the last
-    bid, so a lighter KL before the last round should let the opening move and hold the last bid. Measured (README, "The KL by round", "The last round's KL"): with the last round's
-    KL at 0.0125-0.02 the last bid still drifted to h on one seed of three; at 0.032-0.04 with 0.0016 before it
-    every unseen seller held on every seed (0.032: configs/cpu.yaml). reply [B, T] (long) -> [B, T] (float32)."""
+    """The KL's weight per token: 1 on the replies of round rollout.max_rounds (reply index last_round), before_last on
+    every earlier one; a game that ended sooner (a deal, a quit) has only earlier ones. Why it was tried (issue 12):
+    against every seller measured, the best fixed schedules open alike (a,a,a,a) and differ only in the last bid, so a
+    lighter KL before the last round should let the opening move and hold the last bid. Measured (README, "The KL by
+    round", "The last round's KL"): with the last round's KL at 0.0125-0.02 the last bid still drifted to h on one seed
+    of three; at 0.032-0.04 with 0.0016 before it every unseen seller held on every seed (0.032: configs/cpu.yaml).
+    reply [B, T] (long) -> [B, T] (float32)."""
     return torch.where(reply == last_round, 1.0, before_last).to(torch.float32)
 
 
