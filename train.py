@@ -615,7 +615,8 @@ def _line_step(line: str) -> int:
 def build_engine(cfg, model, tokenizer):
     if cfg.engine.kind == "hf":
         from engine import HFEngine
-        return HFEngine(model, tokenizer, max_batch_tokens=cfg.engine.max_batch_tokens)
+        return HFEngine(model, tokenizer, max_batch_tokens=cfg.engine.max_batch_tokens,
+                        merged_copies=cfg.engine.merged_copies)
     from vllm_engine import VLLMEngine
     e = cfg.engine
     seller = None

@@ -131,6 +131,45 @@ def test_prefix_store_is_dropped_when_weights_change(policy, prompts):
     assert seen == [] and engine.stores[True] is not store
 
 
+@pytest.mark.parametrize("adapter", [True, False])
+def test_merged_copies_sample_what_the_peft_model_samples(policy, prompts, adapter):
+    """engine.merged_copies: plain copies (the base; the base with the adapter merged) generate the same tokens as
+    the peft model itself, log-probs equal to float rounding, over two turns (the prefix store);
+    an optimiser-like write to a LoRA weight rebuilds the copy, which then follows the new weights."""
+    m, tok = policy
+    plain, wrapped = HFEngine(m, tok, merged_copies=True), HFEngine(m, tok)
+    frequent_stops(plain), frequent_stops(wrapped)
+    a = plain.generate(prompts, temperature=1.0, max_tokens=12, adapter=adapter, seed=5)
+    b = wrapped.generate(prompts, temperature=1.0, max_tokens=12, adapter=adapter, seed=5)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    gap = max(abs(u - v) for x, y in zip(a, b) for u, v in zip(x.logprobs, y.logprobs))
+    assert gap < TOL  # (not 0 even for the base: the same weights in other memory may take another kernel path)
+    user = tok.encode("<|im_end|>\n<|im_start|>user\nAnd $9?<|im_end|>\n<|im_start|>assistant\n",
+                      add_special_tokens=False)
+    turn2 = [p + g.token_ids + user for p, g in zip(prompts, a)]
+    a2 = plain.generate(turn2, temperature=1.0, max_tokens=12, adapter=adapter, seed=6)
+    b2 = wrapped.generate(turn2, temperature=1.0, max_tokens=12, adapter=adapter, seed=6)
+    assert [g.token_ids for g in a2] == [g.token_ids for g in b2]
+    for p, g in zip(turn2, a2):
+        assert (recompute_logprobs(m, p, g, 1.0, adapter) - torch.tensor(g.logprobs)).abs().max().item() < TOL
+    copy = plain.copies[adapter][1]
+    assert not any(hasattr(mod, "lora_A") for mod in copy.modules())  # no peft wrapper left in it
+    lora = next(p for n, p in m.named_parameters() if "lora_B" in n)
+    before = lora.detach().clone()
+    try:
+        with torch.no_grad():
+            lora.add_(0.3)  # as an optimiser step would
+        c = plain.generate(prompts, temperature=0, max_tokens=6, adapter=adapter)
+        d = wrapped.generate(prompts, temperature=0, max_tokens=6, adapter=adapter)
+        assert plain.copies[adapter][1] is not copy
+        assert [g.token_ids for g in c] == [g.token_ids for g in d]
+        for p, g in zip(prompts, c):
+            assert (recompute_logprobs(m, p, g, 0, adapter) - torch.tensor(g.logprobs)).abs().max().item() < TOL
+    finally:
+        with torch.no_grad():
+            lora.copy_(before)
+
+
 def test_dedupe_keeps_first_seen_order():
     assert dedupe([[5, 6], [7], [5, 6], [7], [8]]) == ([[5, 6], [7], [8]], [0, 1, 0, 1, 2])
 
