@@ -156,11 +156,17 @@ class HFEngine:
         return results
 
     def copy_for(self, adapter: bool | str, version: tuple) -> torch.nn.Module:
-        """The plain model that generates for this adapter setting, rebuilt whenever any weight changed."""
+        """The plain model that generates for this adapter setting, up to date: the base's copy is made once (its
+        weights never change while training; a load changes their version), an adapter's is refreshed in place
+        whenever any weight changed (an optimiser step), or rebuilt where refresh_merged cannot."""
+        if adapter is False:
+            version = weights_version(self.model, lambda name: "lora_" not in name)
         held = self.copies.get(adapter)
-        if held is None or held[0] != version:
+        if held is not None and held[0] == version:
+            return held[1]
+        if held is None or adapter is False or not refresh_merged(held[1], self.model, adapter):
             held = (version, merged_copy(self.model, adapter))
-            self.copies[adapter] = held
+        self.copies[adapter] = (version, held[1])
         return held[1]
 
     def batches(self, order: list[int], prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -242,9 +248,30 @@ def merged_copy(model, adapter: bool | str) -> torch.nn.Module:
     return plain.eval()
 
 
-def weights_version(model) -> tuple:
-    """Changes whenever any parameter is written in place (optimiser steps, loads) or replaced."""
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+def refresh_merged(plain, model, adapter: bool | str) -> bool:
+    """Write each adapted weight W + scale * B @ A (peft's own merge: the same sum, so the same bits as a fresh
+    merged_copy) into the plain copy in place, instead of copying the whole model again at every step (a deepcopy
+    of the peft model cost more than half of what its copy saved per rollout). False, changing nothing, where a
+    layer is not a plain LoRA linear (fused experts, DoRA, LoRA bias): the caller then rebuilds the copy."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    name = model.active_adapter if adapter is True else adapter
+    adapted = [(path, m) for path, m in model.get_base_model().named_modules() if isinstance(m, BaseTunerLayer)]
+    if any(type(m) is not LoraLinear or getattr(m, "lora_variant", {}).get(name) or m.lora_bias.get(name)
+           for _, m in adapted):
+        return False
+    targets = dict(plain.named_modules())
+    with torch.no_grad():
+        for path, m in adapted:
+            w = m.get_base_layer().weight
+            targets[path].weight.copy_(w + m.get_delta_weight(name) if name in m.lora_A else w)
+    return True
+
+
+def weights_version(model, keep=lambda name: True) -> tuple:
+    """Changes whenever any parameter (whose name `keep` accepts) is written in place (optimiser steps, loads) or
+    replaced."""
+    return tuple((id(p), p.data_ptr(), p._version) for n, p in model.named_parameters() if keep(n))
 
 
 class PrefixStore:

@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from engine import ChatEndpoint, EndpointError, Generation, HFEngine, api_base, dedupe, stop_token_ids
+from engine import (ChatEndpoint, EndpointError, Generation, HFEngine, api_base, dedupe, merged_copy,
+                    stop_token_ids)
 from conftest import randomise_lora_b
 from model import ModelConfig, load_policy
 
@@ -135,7 +136,8 @@ def test_prefix_store_is_dropped_when_weights_change(policy, prompts):
 def test_merged_copies_sample_what_the_peft_model_samples(policy, prompts, adapter):
     """engine.merged_copies: plain copies (the base; the base with the adapter merged) generate the same tokens as
     the peft model itself, log-probs equal to float rounding, over two turns (the prefix store);
-    an optimiser-like write to a LoRA weight rebuilds the copy, which then follows the new weights."""
+    after an optimiser-like write to a LoRA weight the copy follows the new weights, refreshed in place to the
+    bits of a fresh merge."""
     m, tok = policy
     plain, wrapped = HFEngine(m, tok, merged_copies=True), HFEngine(m, tok)
     frequent_stops(plain), frequent_stops(wrapped)
@@ -161,7 +163,9 @@ def test_merged_copies_sample_what_the_peft_model_samples(policy, prompts, adapt
             lora.add_(0.3)  # as an optimiser step would
         c = plain.generate(prompts, temperature=0, max_tokens=6, adapter=adapter)
         d = wrapped.generate(prompts, temperature=0, max_tokens=6, adapter=adapter)
-        assert plain.copies[adapter][1] is not copy
+        assert plain.copies[adapter][1] is copy  # the base's never rebuilt; the adapter's refreshed in place
+        fresh = merged_copy(m, adapter)
+        assert all(torch.equal(x, y) for x, y in zip(copy.state_dict().values(), fresh.state_dict().values()))
         assert [g.token_ids for g in c] == [g.token_ids for g in d]
         for p, g in zip(prompts, c):
             assert (recompute_logprobs(m, p, g, 0, adapter) - torch.tensor(g.logprobs)).abs().max().item() < TOL
