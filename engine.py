@@ -18,6 +18,13 @@ Deliberate choices:
   rollouts re-ran 57k prompt tokens to generate 3.3k, and prefill was 70% of rollout time on CPU (configs/cpu.yaml,
   6 rounds). The store holds the last call's rows only, per adapter setting, and is dropped whenever any weight
   changed (a parameter's version counter), so a hit always means the same weights and the same tokens.
+- Each call's KV cache is one buffer per layer with room for the reply (RoomyLayer): a forward writes its keys
+  and values in place and attends over a view, where transformers' DynamicCache concatenates the whole cache at
+  every decode step. The same numbers in the same order, so the same samples; with the prefix store's rows moved
+  in one indexing per layer, an evaluation (512 episodes) went from 28.2 s to 25.6 s on CPU (medians of 3).
+- engine.merged_copies (small models): sampling runs on plain copies of the model, the base and the base with
+  the adapter merged, refreshed in place after each optimiser step, not through peft's wrappers. The CPU
+  default's rollouts took 23% less (AMD EPYC, AVX2), and its runs sampled exactly the same tokens.
 - Log-probs are computed in float32 whatever the model dtype, so they compare with the trainer's.
 - adapter=False runs the same weights under `disable_adapter()`: one copy of the base serves buyer and seller.
   adapter="seller" (a peft adapter name) runs that adapter instead of the active one: self-play's two sides.
