@@ -16,7 +16,8 @@ Deliberate choices:
 - A game's next prompt extends its last one (prompt + reply + the other side's turn), so the engine keeps each
   row's KV cache from its previous call (PrefixStore) and prefills only the new tokens. Without it, a step's
   rollouts re-ran 57k prompt tokens to generate 3.3k, and prefill was 70% of rollout time on CPU (configs/cpu.yaml,
-  6 rounds). The store holds the last call's rows only, per adapter setting, and is dropped whenever any weight
+  6 rounds). The store holds the last call's rows, per adapter setting (and for one more call those of the call
+  before that it did not extend: two players on one setting alternate), and is dropped whenever any weight
   changed (a parameter's version counter), so a hit always means the same weights and the same tokens.
 - Each call's KV cache is one buffer per layer with room for the reply (RoomyLayer): a forward writes its keys
   and values in place and attends over a view, where transformers' DynamicCache concatenates the whole cache at
@@ -159,6 +160,8 @@ class HFEngine:
                                            device, previous, store)
                 for i, g in zip(batch, gens):
                     results[i] = g
+        if previous is not None:
+            store.keep_unextended(previous)
         self.stores[adapter] = store
         return results
 
@@ -288,7 +291,16 @@ class PrefixStore:
     def __init__(self, weights: tuple):
         self.weights = weights  # weights_version() when the keys and values were computed
         self.entries: dict[tuple, tuple] = {}  # ids -> (per-layer (K, V) of its batch [b, H, W, D], row, positions)
+        self.older: dict[tuple, tuple] = {}  # the call before's rows that this call did not extend (keep_unextended)
         self.lengths: set[int] = set()
+        self.extended: set[tuple] = set()  # the stored ids that a later call found as its prompt's prefix
+
+    def keep_unextended(self, previous: PrefixStore) -> None:
+        """Also keep the rows of the call before (`previous`) that this call did not extend, for one more call:
+        when two players share one adapter setting (the starting buyer against the frozen LLM seller: both are the
+        base), their calls alternate, and each finds its own rows two calls back. Older rows are dropped."""
+        self.older = {k: v for k, v in previous.entries.items() if k not in previous.extended}
+        self.lengths |= {len(k) for k in self.older}
 
     def add_rows(self, cache, mask, rows: torch.Tensor, sequences: list[list[int]]) -> None:
         """rows [B] (bool) of the batch cache [B, H, W, D] whose mask [B, W] marks the real positions. The leaving
@@ -308,8 +320,10 @@ class PrefixStore:
         """(length, (per-layer KV of its batch, its row, its positions)) of the longest stored sequence that is a
         proper prefix of prompt, else None."""
         for n in sorted((n for n in self.lengths if n < len(prompt)), reverse=True):
-            kv = self.entries.get(tuple(prompt[:n]))
+            key = tuple(prompt[:n])
+            kv = self.entries.get(key) or self.older.get(key)
             if kv is not None:
+                self.extended.add(key)
                 return n, kv
         return None
 

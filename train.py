@@ -625,7 +625,7 @@ def build_engine(cfg, model, tokenizer):
         # the HF engine over the trainer's own model with the adapter off. No second copy of the weights; config
         # validation allows it only unsharded (a tiny model, where this costs nothing).
         from engine import HFEngine
-        seller = HFEngine(model, tokenizer, max_batch_tokens=e.max_batch_tokens)
+        seller = HFEngine(model, tokenizer, max_batch_tokens=e.max_batch_tokens, merged_copies=e.merged_copies)
     sp = cfg.selfplay   # self-play serves both sides' adapters and each side's snapshots
     loras = 1 if sp.mode == "off" else 2 + 2 * sp.max_snapshots
     return VLLMEngine(cfg.model.name, tokenizer, sync_strategy=e.sync_strategy, dtype=cfg.model.dtype, seller=seller,

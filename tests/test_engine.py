@@ -117,6 +117,31 @@ def test_next_turn_reuses_the_cached_prefix_exactly(policy, prompts):
     assert False not in cached.stores  # adapter off would keep a store of its own
 
 
+def test_two_players_on_one_adapter_setting_each_reuse_their_own_rows(policy, prompts):
+    """Buyer and seller both the base (adapter off) alternate calls: each call finds its own rows of two calls
+    back, prefills only the new ids, and samples what an engine without a store samples; rows older than that,
+    or extended since, are not kept."""
+    m, tok = policy
+    engine, fresh = HFEngine(m, tok), HFEngine(m, tok)
+    user = tok.encode("<|im_end|>\n<|im_start|>user\nAnd $9?<|im_end|>\n<|im_start|>assistant\n",
+                      add_special_tokens=False)
+    buyer, seller = prompts[:2], prompts[2:]
+    b1 = engine.generate(buyer, temperature=1.0, max_tokens=8, adapter=False, seed=1)
+    s1 = engine.generate(seller, temperature=1.0, max_tokens=8, adapter=False, seed=2)
+    buyer2 = [p + g.token_ids + user for p, g in zip(buyer, b1)]
+    store = engine.stores[False]
+    assert all(store.longest_prefix(p)[0] == len(q) + len(g.token_ids) - 1 for p, q, g in zip(buyer2, buyer, b1))
+    store.extended.clear()  # (the probe above is not a call)
+    b2 = engine.generate(buyer2, temperature=1.0, max_tokens=8, adapter=False, seed=3)
+    assert [g.token_ids for g in b2] == [g.token_ids for g in fresh.generate(buyer2, temperature=1.0, max_tokens=8,
+                                                                             adapter=False, seed=3)]
+    kept = engine.stores[False]
+    assert set(kept.older) == {tuple(p + g.token_ids[:-1]) for p, g in zip(seller, s1)}  # the seller's, not b1's
+    seller2 = [p + g.token_ids + user for p, g in zip(seller, s1)]
+    engine.generate(seller2, temperature=1.0, max_tokens=8, adapter=False, seed=4)
+    assert set(engine.stores[False].older) == {tuple(p + g.token_ids[:-1]) for p, g in zip(buyer2, b2)}
+
+
 def test_prefix_store_is_dropped_when_weights_change(policy, prompts):
     m, tok = policy
     engine = HFEngine(m, tok)

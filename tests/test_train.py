@@ -196,6 +196,7 @@ def test_batch_that_does_not_divide_over_ranks_fails_with_a_multiple():
      "eval.products=5: 5 evaluation products do not divide over 2 ranks"),
     (["engine.kind=vllm", "engine.sync_strategy=merged", "seller.kind=llm", "train.sharding=fsdp2"], 2,
      "the base-model seller is served by the HF engine over the trainer's model, which needs train.sharding=none"),
+    (["engine.merged_copies=true", "train.sharding=fsdp2"], 2, "engine.merged_copies=True: plain copies of the whole"),
     (["engine.kind=vllm", "model.lora_target_parameters=[mlp.experts.gate_up_proj]"], 1,
      "vLLM converts peft's fused expert LoRA only when both mlp.experts.gate_up_proj and mlp.experts.down_proj"),
 ])
