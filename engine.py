@@ -345,20 +345,19 @@ def prefill_inputs(prompts: list[list[int]], hits: list, pad_id: int, device, nu
     old_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     # Rows stored from the same batch copy move together, one indexing per layer: (row, position) of this batch
     # <- (row j, stored positions) of that copy
-    groups: dict[int, tuple[list, list, list, list]] = {}  # id(copy) -> rows here, their n, rows there, positions
+    groups: dict[int, tuple] = {}  # id(copy) -> (the copy, rows here, their n, rows there, their positions)
     for row, (n, hit) in enumerate(zip(cached, hits)):
         if hit:
             copy, j, pos = hit[1]
-            rows_here, ns, rows_there, stored = groups.setdefault(id(copy), ([], [], [], []))
+            _, rows_here, ns, rows_there, stored = groups.setdefault(id(copy), (copy, [], [], [], []))
             rows_here.append(row), ns.append(n), rows_there.append(j), stored.append(pos)
             old_mask[row, width - n:] = 1
-    copies = {id(h[1][0]): h[1][0] for h in hits if h}
     moves = []
-    for key, (rows_here, ns, rows_there, stored) in groups.items():
+    for copy, rows_here, ns, rows_there, stored in groups.values():
         n = torch.tensor(ns)
         start = torch.repeat_interleave(n.cumsum(0) - n, n)                          # each moved position's row start
         within = torch.arange(int(n.sum())) - start                                    # 0..n-1 within its row
-        moves.append((copies[key], torch.repeat_interleave(torch.tensor(rows_here), n),
+        moves.append((copy, torch.repeat_interleave(torch.tensor(rows_here), n),
                       width - torch.repeat_interleave(n, n) + within,                  # right-aligned at `width`
                       torch.repeat_interleave(torch.tensor(rows_there), n), torch.cat(stored)))
     k0, v0 = next(h for h in hits if h)[1][0][0]
